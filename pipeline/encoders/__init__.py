@@ -1,0 +1,153 @@
+"""Encoder registry and the extraction driver (manifest/media store -> feature store, once).
+
+Each encoder declares its modality, the input it needs (`manifest` for text, `media` for audio/visual)
+and its output dimension, and turns a slice of manifest rows into `pooled` [n, D] features, a `valid`
+mask, optional `seq` (ragged frame/token features) and per-utterance problems.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.manifest import Manifest
+from pipeline.params import ParamsError, from_dict
+from pipeline.store import (ChunkedRun, FeatureStore, MediaStore, StoreLayout, assemble, chunk_bounds,
+                            fingerprint, run_chunks)
+
+REGISTRY: dict[str, type["Encoder"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+class Encoder(ABC):
+    kind: ClassVar[str]
+    modality: ClassVar[str]            # text | audio | visual
+    needs_media: ClassVar[bool]
+    Config: ClassVar[type]             # a dataclass of this encoder's params
+
+    def __init__(self, name: str, config):
+        self.name, self.config = name, config
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    def provenance(self) -> dict[str, Any]:
+        """Attributes written into the store (weights id and hash, sampling, dtype, ...)."""
+        return {"encoder": self.name, "encoder_kind": self.kind, "modality": self.modality,
+                "config": asdict(self.config), "config_hash": fingerprint(asdict(self.config)), "dtype": "float32"}
+
+    @abstractmethod
+    def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore | None):
+        """Features of `rows`: (arrays with `pooled`, `valid` [, `seq`, `seq_lengths`], problems)."""
+
+
+def build_encoder(name: str, raw: dict[str, Any]) -> Encoder:
+    from pipeline.encoders import audio, text, visual  # noqa: F401  (fill the registry)
+
+    raw = dict(raw)
+    kind = raw.pop("kind", None)
+    modality = raw.pop("modality", None)
+    if kind not in REGISTRY:
+        raise ParamsError(f"encoders.{name}.kind: unknown encoder kind {kind!r}; known: {sorted(REGISTRY)}")
+    cls = REGISTRY[kind]
+    if modality not in (None, cls.modality):
+        raise ParamsError(f"encoders.{name}: kind {kind} is a {cls.modality} encoder, not {modality}")
+    return cls(name, from_dict(cls.Config, raw, f"encoders.{name}"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_weights(weights: str) -> str:
+    """A hub id, a local directory, or `package:<module>/<subdir>` for weights a Python package ships."""
+    if weights.startswith("package:"):
+        module, _, sub = weights[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"weights {weights!r}: Python package '{module}' is not installed")
+        return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+    return weights
+
+
+def weights_hash(path: str) -> str | None:
+    """Content hash of a local weights directory or file (None for a hub id: its revision is recorded)."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    files = sorted(x for x in ([p] if p.is_file() else p.rglob("*")) if x.is_file() and ".cache" not in x.parts)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def extract(manifest: Manifest, encoder: Encoder, out_path: str | Path, media_path: str | Path | None = None,
+            chunk_size: int = 256, progress=None) -> dict:
+    """Run `encoder` over every manifest row into the feature store at `out_path`.
+
+    A store that exists with the same fingerprint (encoder config, weights, inputs) is left as it is; an
+    interrupted run resumes from its finished chunks."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    media = None
+    if encoder.needs_media:
+        if media_path is None:
+            raise ValueError(f"encoder {encoder.name} needs the media store")
+        media = MediaStore(media_path)
+        inputs = media.attrs["fingerprint"]
+    else:
+        inputs = fingerprint(manifest.rows[["utt_id", "dialogue_id", "turn", "speaker", "text"]].to_dict("list"))
+    prov = encoder.provenance()
+    run_fp = fingerprint({"provenance": prov, "inputs": inputs})
+    if out_path.exists():
+        with FeatureStore(out_path) as old:
+            if old.attrs.get("fingerprint") == run_fp:
+                return {"utterances": len(manifest), "chunks_computed": 0, "skipped": "up to date", "problems": []}
+    n = len(manifest)
+    run = ChunkedRun(out_path, run_fp)
+    has_seq: list[bool] = []
+
+    def compute(s, e):
+        arrays, problems = encoder.encode(manifest.rows.iloc[s:e], manifest, media)
+        has_seq.append("seq" in arrays)
+        return arrays, problems
+
+    try:
+        computed, problems = run_chunks(run, n, chunk_size, compute, progress)
+        first = run.load(0)
+        layout = StoreLayout(fixed=["pooled"] + (["logits"] if "logits" in first else []),
+                             ragged=["seq"] if "seq" in first else [])
+        assemble(run, manifest.utt_ids, len(chunk_bounds(n, chunk_size)), layout,
+                 {**prov, "dataset": manifest.meta.dataset, "fingerprint": run_fp, "inputs": inputs,
+                  "dim": encoder.dim})
+    finally:
+        if media is not None:
+            media.close()
+    return {"utterances": n, "chunks_computed": computed, "problems": problems,
+            "masked": sum(1 for q in problems if q.get("action", "masked") == "masked")}
+
+
+def masked_problem(row, file: str, problem: str, modality: str) -> dict:
+    return {"utt_id": row["utt_id"], "file": file, "problem": problem, "modality": modality, "action": "masked"}
+
+
+def stack_or_empty(vectors: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)

@@ -1,0 +1,173 @@
+"""Text encoders: any Hugging Face encoder, loaded with `from_pretrained(hub id or local dir)`.
+
+Input formats (the utterance at dialogue position j, 0-based; K = `context_window`):
+- `utterance`: the utterance alone.
+- `indi_context` (DialogueTRM eq. 1): `[CLS] utt [SEP] indi-context [SEP]` — the indi-context is the same
+  speaker's utterances at positions [max(0, j-K), j), oldest first; segment ids tell the two parts apart;
+  the context is truncated from its oldest end.
+- `prompt` (TelME eq. 1-3): `C_k </s> P_k` with C_k = `<s_a> t_1 <s_b> t_2 ... <s_a> t_k` (the dialogue up
+  to the utterance, or its last K turns when K is set) and P_k = `Now <s_a> feels <mask>`; speaker tokens
+  `<s1>..<sN>` are numbered per dialogue in order of appearance and added to the tokenizer; the history
+  is truncated from its oldest end so the prompt is always kept.
+Pooling: `cls` (first token), `mean` (over real tokens), `mask` (the `<mask>` token; `prompt` only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.encoders import Encoder, masked_problem, register, resolve_device, resolve_weights, weights_hash
+from pipeline.manifest import Manifest
+from pipeline.params import ParamsError
+
+FORMATS = ("utterance", "indi_context", "prompt")
+POOLINGS = ("cls", "mean", "mask")
+
+
+@dataclass
+class HFTextConfig:
+    weights: str
+    revision: str | None = None
+    input_format: str = "utterance"
+    pooling: str = "cls"
+    context_window: int | None = None   # K; None: the whole history (prompt) / 5 (indi_context)
+    speaker_tokens: int = 9             # N of <s1>..<sN>; later speakers share <sN>
+    max_length: int = 256
+    batch_size: int = 32
+    device: str = "auto"
+    autocast: str = "bf16"              # CUDA only: bf16 | fp16 | none
+    return_sequence: bool = False       # also store per-token features (ragged)
+    on_empty: str = "mask"              # mask | fail: an utterance with empty text
+
+
+def speaker_token(k: int, n_max: int) -> str:
+    return f"<s{min(k, n_max - 1) + 1}>"
+
+
+def text_inputs(manifest: Manifest, rows: np.ndarray, fmt: str, window: int | None, n_speakers: int,
+                sep: str = "</s>", mask: str = "<mask>") -> list[tuple[str, str | None]]:
+    """(text, text_pair) per row in `rows` (manifest row indices) for input format `fmt`."""
+    if fmt not in FORMATS:
+        raise ParamsError(f"input_format must be one of {FORMATS}, not {fmt!r}")
+    if fmt == "utterance":
+        return [(manifest.rows.at[int(i), "text"], None) for i in rows]
+    texts = manifest.rows["text"].tolist()
+    speakers = manifest.speaker_index()
+    position = {}
+    for idx in manifest.dialogues():
+        for j, i in enumerate(idx):
+            position[int(i)] = (idx, j)
+    out = []
+    for i in rows:
+        idx, j = position[int(i)]
+        if fmt == "indi_context":
+            k = 5 if window is None else window
+            ctx = [texts[t] for t in idx[max(0, j - k):j] if speakers[t] == speakers[i]]
+            out.append((texts[i], " ".join(ctx)))
+        else:
+            first = 0 if window is None else max(0, j - window)
+            history = " ".join(f"{speaker_token(speakers[t], n_speakers)} {texts[t]}" for t in idx[first:j + 1])
+            out.append((f"{history} {sep} Now {speaker_token(speakers[i], n_speakers)} feels {mask}", None))
+    return out
+
+
+def load_text_model(weights: str, revision: str | None, fmt: str, n_speakers: int):
+    """Tokenizer and encoder from a hub id or local directory; speaker tokens added for `prompt`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_weights(weights)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModel.from_pretrained(path, revision=revision)
+    if fmt == "prompt":
+        if tokenizer.mask_token is None:
+            raise ParamsError(f"{weights}: the prompt format needs a tokenizer with a mask token")
+        tokens = [f"<s{k}>" for k in range(1, n_speakers + 1)]
+        if tokenizer.add_special_tokens({"additional_special_tokens": tokens}):
+            model.resize_token_embeddings(len(tokenizer))
+    return tokenizer, model
+
+
+@register
+class HFTextEncoder(Encoder):
+    kind = "hf_text"
+    modality = "text"
+    needs_media = False
+    Config = HFTextConfig
+
+    def __init__(self, name, config: HFTextConfig):
+        super().__init__(name, config)
+        if config.pooling not in POOLINGS or (config.pooling == "mask") != (config.input_format == "prompt"):
+            raise ParamsError(f"encoders.{name}: pooling 'mask' goes with input_format 'prompt' (and only it)")
+        self.device = resolve_device(config.device)
+        self.tokenizer, self.model = load_text_model(config.weights, config.revision, config.input_format,
+                                                     config.speaker_tokens)
+        self.model.to(self.device).eval()
+        if config.input_format == "prompt":
+            self.tokenizer.truncation_side = "left"   # drop the oldest history, keep the prompt
+        elif config.input_format == "indi_context":
+            self.tokenizer.truncation_side = "left"   # with only_second: drop the oldest context
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def provenance(self):
+        path = resolve_weights(self.config.weights)
+        return {**super().provenance(), "weights": self.config.weights,
+                "weights_revision": self.config.revision or getattr(self.model.config, "_commit_hash", None),
+                "weights_hash": weights_hash(path), "model_type": self.model.config.model_type}
+
+    def tokenize(self, pairs: list[tuple[str, str | None]]) -> list[dict]:
+        c = self.config
+        trunc = "only_second" if c.input_format == "indi_context" else True
+        encoded = []
+        for text, pair in pairs:
+            kw = {"text_pair": pair} if pair is not None else {}
+            encoded.append(self.tokenizer(text, truncation=trunc, max_length=c.max_length, **kw))
+        return encoded
+
+    def encode(self, rows: pd.DataFrame, manifest: Manifest, media=None):
+        c = self.config
+        pairs = text_inputs(manifest, rows.index.to_numpy(), c.input_format, c.context_window, c.speaker_tokens,
+                            sep=self.tokenizer.sep_token or "</s>", mask=self.tokenizer.mask_token or "<mask>")
+        valid = np.array([bool(str(t).strip()) for t in rows["text"]])
+        problems = []
+        for (_, r), ok in zip(rows.iterrows(), valid):
+            if not ok:
+                if c.on_empty == "fail":
+                    raise ValueError(f"{r['utt_id']}: empty text (set on_empty: mask to mask it)")
+                problems.append(masked_problem(r, "manifest.csv", "empty text", "text"))
+        encoded = self.tokenize(pairs)
+        pooled = np.zeros((len(rows), self.dim), np.float32)
+        seqs: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(rows)
+        order = np.argsort([len(e["input_ids"]) for e in encoded], kind="stable")  # length-sorted batches
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.autocast)
+        with torch.inference_mode():
+            for s in range(0, len(order), c.batch_size):
+                batch_rows = order[s:s + c.batch_size]
+                batch = self.tokenizer.pad([encoded[i] for i in batch_rows], return_tensors="pt")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with torch.autocast(self.device.type, dtype=autocast,
+                                    enabled=self.device.type == "cuda" and autocast is not None):
+                    hidden = self.model(**batch).last_hidden_state.float()
+                att = batch["attention_mask"]
+                if c.pooling == "cls":
+                    vec = hidden[:, 0]
+                elif c.pooling == "mean":
+                    vec = (hidden * att[..., None]).sum(1) / att.sum(1, keepdim=True).clamp(min=1)
+                else:
+                    pos = (batch["input_ids"] == self.tokenizer.mask_token_id).float().argmax(1)
+                    vec = hidden[torch.arange(len(pos)), pos]
+                pooled[batch_rows] = vec.cpu().numpy()
+                if c.return_sequence:
+                    for k, i in enumerate(batch_rows):
+                        seqs[i] = hidden[k, att[k].bool()].cpu().numpy()
+        pooled[~valid] = 0.0
+        arrays = {"pooled": pooled, "valid": valid}
+        if c.return_sequence:
+            from pipeline.store import ragged
+            arrays.update(ragged(seqs, "seq", np.float32, (self.dim,)))
+        return arrays, problems

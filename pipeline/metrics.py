@@ -1,0 +1,53 @@
+"""Evaluation: weighted F1, accuracy, per-class F1, confusion matrix (scikit-learn); Pearson r per dimension."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+    classes = list(range(len(labels)))
+    per_class = f1_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    return {
+        "wf1": float(f1_score(y_true, y_pred, labels=classes, average="weighted", zero_division=0)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_per_class": {name: float(f) for name, f in zip(labels, per_class)},
+        "confusion": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+        "support": int(len(y_true)),
+    }
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, dims: list[str]) -> dict:
+    """Pearson r, MSE and MAE per dimension (rows with a NaN target are left out of that dimension)."""
+    out = {}
+    for k, name in enumerate(dims):
+        ok = np.isfinite(y_true[:, k])
+        t, p = y_true[ok, k], y_pred[ok, k]
+        r = float(np.corrcoef(t, p)[0, 1]) if ok.sum() > 1 and t.std() > 0 and p.std() > 0 else 0.0
+        out[name] = {"pearson_r": r, "mse": float(np.mean((t - p) ** 2)) if ok.any() else float("nan"),
+                     "mae": float(np.mean(np.abs(t - p))) if ok.any() else float("nan")}
+    out["mean_r"] = float(np.mean([out[d]["pearson_r"] for d in dims])) if dims else 0.0
+    return out
+
+
+def plot_confusion(confusion: list[list[int]], labels: list[str], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 0.8 + 0.7 * len(labels)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

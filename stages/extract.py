@@ -1,0 +1,35 @@
+"""Stage extract: run one encoder once over a dataset -> feature store (data/features/<dataset>/<encoder>.h5)."""
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.encoders import build_encoder, extract
+from pipeline.manifest import Manifest
+from pipeline.params import ParamsError, load_params
+from pipeline.store import atomic_write_text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--encoder", required=True)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    if args.encoder not in params.encoders:
+        raise ParamsError(f"encoders: no encoder '{args.encoder}'; defined: {sorted(params.encoders)}")
+    manifest = Manifest.load(f"data/manifest/{args.dataset}")
+    encoder = build_encoder(args.encoder, params.encoders[args.encoder])
+    out = Path(f"data/features/{args.dataset}/{args.encoder}.h5")
+    with tqdm(total=len(manifest), desc=f"{args.encoder} {args.dataset}", unit="utt") as bar:
+        summary = extract(manifest, encoder, out, f"data/media/{args.dataset}.h5", args.chunk_size, bar)
+    atomic_write_text(out.with_suffix(".summary.json"), json.dumps(summary, indent=1))
+    print(f"{out}: {summary['utterances']} utterances, {summary['chunks_computed']} chunk(s) computed now, "
+          f"{summary.get('masked', 0)} masked")
+
+
+if __name__ == "__main__":
+    main()

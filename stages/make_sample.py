@@ -1,0 +1,23 @@
+"""Stage make_sample: write the bundled synthetic dataset (clips + transcripts) from params `sample`."""
+import argparse
+import shutil
+from pathlib import Path
+
+from pipeline.datasets.sample import generate
+from pipeline.params import load_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="data/raw/sample")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    path = generate(out, load_params(args.params).sample)
+    print(f"sample written: {path}")
+
+
+if __name__ == "__main__":
+    main()
