@@ -1,7 +1,8 @@
 """Decoding media once into the media store: 16 kHz mono audio and a canonical frame sampling.
 
-decord reads both (video frames resized by its own scaler; audio resampled and down-mixed by ffmpeg inside
-it), so the rate written to the store is the true rate of the samples. A clip is cut by the manifest's
+decord reads both (audio resampled and down-mixed by ffmpeg inside it, so the rate written to the store is
+the true rate of the samples). Frames are decoded at their native size and resized with torch's antialiased
+bilinear interpolation: decord's own scaler fails on some small target sizes. A clip is cut by the manifest's
 start/end only when its file is shared by several utterances (a dialogue-level wav or avi, as in IEMOCAP);
 a per-utterance file is read whole.
 
@@ -85,7 +86,7 @@ class ClipDecoder:
         try:
             if self._video_path != path:
                 self._video, self._video_path = None, None
-                self._video = decord.VideoReader(str(path), ctx=decord.cpu(0), width=self.p.size, height=self.p.size)
+                self._video = decord.VideoReader(str(path), ctx=decord.cpu(0))
                 self._video_path = path
             vr = self._video
             n, fps = len(vr), float(vr.get_avg_fps() or 25.0)
@@ -100,9 +101,22 @@ class ClipDecoder:
                     return blank, f"video runs {seconds:.1f} s > max_clip_seconds"
                 self.trimmed.append(f"video trimmed from {seconds:.1f} s to max_clip_seconds")
                 last = first + int(self.p.max_clip_seconds * fps) - 1
-            return vr.get_batch(frame_indices(first, last, self.p.frames).tolist()).asnumpy(), None
+            frames = vr.get_batch(frame_indices(first, last, self.p.frames).tolist()).asnumpy()
+            return resize_frames(frames, self.p.size), None
         except Exception as e:
             return blank, f"unreadable video ({_first_line(e)})"
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """[F, H, W, 3] uint8 -> [F, size, size, 3] uint8."""
+    import torch
+    from torch.nn import functional as F
+
+    if frames.shape[1:3] == (size, size):
+        return frames
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _first_line(e: Exception) -> str:

@@ -22,7 +22,7 @@ def tiny_bert(tmp_path_factory) -> str:
              "cry lost ada ben said yes no").split()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz.,!?'") + words
     (d / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(d)
     import torch
 

@@ -1,0 +1,124 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from pipeline.encoders import Encoder, extract, register
+from pipeline.store import FeatureStore, StoreError
+
+
+@dataclass
+class CountingConfig:
+    dim: int = 3
+
+
+@register
+class CountingEncoder(Encoder):
+    """Deterministic fake text encoder that counts its calls."""
+    kind = "test_counting"
+    modality = "text"
+    needs_media = False
+    Config = CountingConfig
+    calls = 0
+    fail_on_call = -1    # raise on this call (a crash half-way); not config, so the fingerprint stays
+    sleep = 0.0
+
+    @property
+    def dim(self):
+        return self.config.dim
+
+    def encode(self, rows, manifest, media=None):
+        type(self).calls += 1
+        if type(self).calls == type(self).fail_on_call:
+            raise KeyboardInterrupt("simulated kill")
+        time.sleep(type(self).sleep)
+        x = np.array([[len(t), i, self.config.dim] for i, t in zip(rows.index, rows["text"])], np.float32)
+        return {"pooled": x, "valid": np.ones(len(rows), bool)}, []
+
+
+def run(manifest, path, fail_on_call=-1, **cfg):
+    CountingEncoder.calls, CountingEncoder.fail_on_call = 0, fail_on_call
+    return extract(manifest, CountingEncoder("count", CountingConfig(**cfg)), path, chunk_size=4)
+
+
+def test_interrupted_extraction_resumes_from_finished_chunks(sample_manifest, tmp_path):
+    n_chunks = -(-len(sample_manifest) // 4)
+    assert n_chunks >= 4
+    with pytest.raises(KeyboardInterrupt):
+        run(sample_manifest, tmp_path / "f.h5", fail_on_call=3)
+    assert not (tmp_path / "f.h5").exists()                     # never a half store under the final name
+    assert len(list((tmp_path / "f.h5.partial").glob("chunk_*.npz"))) == 2
+    summary = run(sample_manifest, tmp_path / "f.h5")
+    assert summary["chunks_computed"] == n_chunks - 2 == CountingEncoder.calls
+    assert not (tmp_path / "f.h5.partial").exists()
+    run(sample_manifest, tmp_path / "ref.h5")
+    with FeatureStore(tmp_path / "f.h5") as a, FeatureStore(tmp_path / "ref.h5") as b:
+        np.testing.assert_array_equal(a.pooled(), b.pooled())
+        assert a.utt_ids == sample_manifest.utt_ids
+    # same config again: a no-op; another config: recomputed
+    assert run(sample_manifest, tmp_path / "f.h5")["chunks_computed"] == 0 and CountingEncoder.calls == 0
+    assert run(sample_manifest, tmp_path / "f.h5", dim=4)["chunks_computed"] == n_chunks
+
+
+def test_chunks_of_another_config_are_discarded(sample_manifest, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(sample_manifest, tmp_path / "f.h5", fail_on_call=3)
+    summary = run(sample_manifest, tmp_path / "f.h5", dim=5)
+    assert summary["chunks_computed"] == -(-len(sample_manifest) // 4)
+    with FeatureStore(tmp_path / "f.h5") as s:
+        assert s.dim == 3 and (s.pooled()[:, 2] == 5).all()
+
+
+def test_sigkill_half_way_then_resume(sample_manifest, tmp_path):
+    """A real process killed with SIGKILL in the middle of extraction; the re-run redoes no finished chunk."""
+    sample_manifest.save(tmp_path / "manifest")
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
+        from test_store import CountingEncoder, CountingConfig
+        from pipeline.encoders import extract
+        from pipeline.manifest import Manifest
+        m = Manifest.load({str(tmp_path / 'manifest')!r})
+        CountingEncoder.sleep = float(sys.argv[1])
+        s = extract(m, CountingEncoder("count", CountingConfig()), {str(tmp_path / 'f.h5')!r},
+                    chunk_size=4)
+        print(json.dumps({{"computed": s["chunks_computed"]}}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, "0.3"], stdout=subprocess.PIPE)
+    partial = tmp_path / "f.h5.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(partial.glob("chunk_*.npz"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(partial.glob("chunk_*.npz")))
+    n_chunks = -(-len(sample_manifest) // 4)
+    assert 2 <= done_before < n_chunks
+    out = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["computed"] == n_chunks - done_before
+    with FeatureStore(tmp_path / "f.h5") as s:
+        assert s.utt_ids == sample_manifest.utt_ids
+
+
+def test_reading_by_split_and_dialogue(sample_manifest, tmp_path):
+    run(sample_manifest, tmp_path / "f.h5")
+    with FeatureStore(tmp_path / "f.h5") as s:
+        dev = sample_manifest.split_rows("dev")
+        np.testing.assert_array_equal(s.split(sample_manifest, "dev")[:, 1], dev.index.to_numpy())
+        dialogues = s.by_dialogue(sample_manifest, "test")
+        assert [len(d) for d in dialogues] == [len(i) for i in sample_manifest.dialogues("test")]
+        attrs = s.attrs
+        for key in ("encoder", "encoder_kind", "config_hash", "code_version", "fingerprint", "dtype", "dataset"):
+            assert key in attrs
+        with pytest.raises(StoreError, match="not in the store"):
+            s.pooled(["nope"])
+    with pytest.raises(StoreError, match="store not found"):
+        FeatureStore(tmp_path / "absent.h5")

@@ -1,0 +1,122 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from heads import build_head
+from heads.data import IGNORE, CachedDialogues
+from heads.trainer import train_head
+from pipeline.encoders import Encoder, extract, register
+from pipeline.manifest import Manifest, ManifestMeta
+from pipeline.params import TrainerParams
+
+
+def synthetic_manifest(n_dialogues=12, turns=5, seed=0, dims=False):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d in range(n_dialogues):
+        split = "train" if d < n_dialogues * 0.6 else "dev" if d < n_dialogues * 0.8 else "test"
+        for t in range(int(rng.integers(2, turns + 1))):
+            r = {"utt_id": f"d{d}u{t}", "dataset": "syn", "split": split, "dialogue_id": f"d{d}", "turn": t,
+                 "speaker": "AB"[t % 2], "text": f"t{d}-{t}", "label": "abc"[int(rng.integers(3))]}
+            if dims:
+                r["valence"], r["arousal"] = float(rng.normal()), float(rng.normal())
+            rows.append(r)
+    return Manifest(pd.DataFrame(rows), ManifestMeta("syn", ".", ["a", "b", "c"], ["valence", "arousal"] if dims else []))
+
+
+def store_from(manifest, path, fn, dim, valid=None):
+    """A feature store whose pooled row is fn(manifest row)."""
+    class Fn(Encoder):
+        kind, modality, needs_media = "test_fn", "text", False
+        Config = type("C", (), {})
+
+        @property
+        def dim(self):
+            return dim
+
+        def provenance(self):
+            return {"encoder": "fn"}
+
+        def encode(self, rows, m, media=None):
+            ok = np.ones(len(rows), bool) if valid is None else valid[rows.index.to_numpy()]
+            return {"pooled": np.stack([fn(r) for _, r in rows.iterrows()]).astype(np.float32), "valid": ok}, []
+
+    extract(manifest, Fn("fn", None), path)
+    return str(path)
+
+
+def test_batches_pad_and_mask(tmp_path):
+    m = synthetic_manifest()
+    path = store_from(m, tmp_path / "f.h5", lambda r: [r["turn"], 1.0], 2)
+    data = CachedDialogues(m, {"text": path}, normalize=False)
+    b = data.batch(m.dialogues("train")[:3])
+    lengths = [len(d) for d in m.dialogues("train")[:3]]
+    assert b.features["text"].shape == (3, max(lengths), 2)
+    assert b.mask.sum(1).tolist() == lengths
+    assert (b.labels[~b.mask] == IGNORE).all() and (b.rows[~b.mask] == -1).all()
+    assert (b.features["text"][~b.mask] == 0).all()
+    assert b.features["text"][0, :lengths[0], 0].tolist() == list(range(lengths[0]))
+
+
+def test_nan_features_are_masked_not_propagated(tmp_path):
+    m = synthetic_manifest()
+    path = store_from(m, tmp_path / "f.h5", lambda r: [np.nan if r["turn"] == 1 else 1.0, 2.0], 2)
+    data = CachedDialogues(m, {"text": path})
+    assert np.isfinite(data.features["text"]).all()
+    assert (~data.valid["text"]).sum() == (m.rows["turn"] == 1).sum()
+
+
+def overfit(head, batch, steps=300, lr=1e-2):
+    """Train on one batch only; return train accuracy (or mean r) on that batch."""
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    head.train()
+    for _ in range(steps):
+        loss, _ = head.loss(batch, head(batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        out = head(batch)
+    if head.task == "categorical":
+        keep = batch.labels != IGNORE
+        return float((out.argmax(-1)[keep] == batch.labels[keep]).float().mean())
+    ok = torch.isfinite(batch.dims) & batch.mask[..., None]
+    return float(np.mean([np.corrcoef(out[..., k][ok[..., k]], batch.dims[..., k][ok[..., k]])[0, 1]
+                          for k in range(batch.dims.shape[-1])]))
+
+
+def two_modality_data(tmp_path, task):
+    m = synthetic_manifest(dims=task == "dimensional")
+    rng = np.random.default_rng(0)
+    emb = {u: rng.normal(size=8) for u in m.utt_ids}
+    t = store_from(m, tmp_path / "t.h5", lambda r: emb[r["utt_id"]], 8)
+    a = store_from(m, tmp_path / "a.h5", lambda r: emb[r["utt_id"]][::-1], 8,
+                   valid=np.arange(len(m)) % 3 != 0)   # a third of the audio is masked
+    return m, CachedDialogues(m, {"text": t, "audio": a})
+
+
+@pytest.mark.parametrize("task", ["categorical", "dimensional"])
+def test_late_fusion_overfits_a_tiny_batch(tmp_path, task):
+    m, data = two_modality_data(tmp_path, task)
+    head = build_head("late_fusion", {"text": 8, "audio": 8}, 3 if task == "categorical" else 2, task,
+                      {"hidden": 64, "dropout": 0.0})
+    assert overfit(head, data.batch(m.dialogues("train")[:4])) > 0.97
+    for p in head.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_trainer_selects_on_dev(tmp_path):
+    m, data = two_modality_data(tmp_path, "categorical")
+    head = build_head("late_fusion", {"text": 8, "audio": 8}, 3, "categorical", {"hidden": 16})
+    res = train_head(head, data, TrainerParams(epochs=12, patience=3, batch_dialogues=4, device="cpu"),
+                     log=lambda *_: None)
+    assert set(res.metrics) == {"dev", "test"}
+    scores = [c["dev_score"] for c in res.curves]
+    assert res.curves[res.best_epoch]["dev_score"] == max(scores)
+    assert len(scores) <= 12 and (len(scores) == 12 or len(scores) - 1 - res.best_epoch == 3)
+    from heads.trainer import evaluate
+
+    dev, _ = evaluate(head, data, "dev", 4, torch.device("cpu"))
+    assert dev["wf1"] == pytest.approx(max(scores))   # the best dev checkpoint is the one kept
