@@ -172,7 +172,7 @@ def decode_dataset(manifest: Manifest, out_path: str | Path, p: DecodeParams, pr
         raise ValueError("decode.on_bad_media must be mask|fail and decode.long_clip trim|mask")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in asdict(p).items() if k not in ("workers",)}
+    config = asdict(p)
     run_fp = fingerprint({"decode": config, "manifest": manifest.rows.to_dict("list"), "root": manifest.meta.root})
     run = ChunkedRun(out_path, run_fp)
     decoder = ClipDecoder(Path(manifest.meta.root), p)

@@ -82,7 +82,6 @@ class DecodeParams:
     long_clip: str = "trim"      # trim | mask: what to do with a clip longer than max_clip_seconds
     on_bad_media: str = "mask"   # mask | fail: corrupt/missing media, no audio track
     chunk_size: int = 64         # utterances per resumable chunk
-    workers: int = 0             # decoding processes (0: in the main process)
 
 
 @dataclass

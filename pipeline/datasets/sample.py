@@ -8,9 +8,9 @@ modality with probabilities `p_text`, `p_audio`, `p_visual`:
   unvoiced breathy noise;
 - visual: a drawn face whose colour, mouth and brows follow the emotion, or else a grey face seen blurred.
 
-So no single modality solves the task and fusion can. Speakers keep a mood across turns (each turn keeps
-the speaker's previous emotion with probability `mood_persistence`), which gives context models something
-to find. Everything is deterministic in `seed`.
+So no single modality solves the task and fusion can. About one utterance in nine carries no cue at all:
+only context can help there, since speakers keep a mood across turns (each turn keeps the speaker's
+previous emotion with probability MOOD_PERSISTENCE). Everything is deterministic in `seed`.
 """
 from __future__ import annotations
 
@@ -75,8 +75,6 @@ def generate(out_dir: str | Path, p: SampleParams) -> Path:
             label = mood[spk]
             carries = {m: bool(rng.random() < q) for m, q in
                        (("text", p.p_text), ("audio", p.p_audio), ("visual", p.p_visual))}
-            if not any(carries.values()):
-                carries[["audio", "visual"][int(rng.integers(2))]] = True
             text = _sentence(rng, EMOTION_TEXT[label] if carries["text"] else FILLER_TEXT)
             seconds = float(rng.uniform(p.min_seconds, p.max_seconds))
             audio = _voice(rng, label if carries["audio"] else None, seconds, p.sample_rate, pitch_shift[spk])

@@ -151,3 +151,25 @@ def masked_problem(row, file: str, problem: str, modality: str) -> dict:
 
 def stack_or_empty(vectors: list[np.ndarray], dim: int) -> np.ndarray:
     return np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
+
+
+def autocast_context(device: torch.device, autocast: str):
+    """bf16/fp16 autocast on CUDA; a no-op elsewhere."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype is not None)
+
+
+def batched_with_oom_retry(order: np.ndarray, batch_size: int, run) -> None:
+    """Call `run(rows)` on consecutive batches of `order`; a batch that runs out of GPU memory is split in two
+    and retried (down to single items) instead of failing the extraction."""
+    pending = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    while pending:
+        rows = pending.pop(0)
+        try:
+            run(rows)
+        except torch.OutOfMemoryError:
+            if len(rows) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(rows) // 2
+            pending[:0] = [rows[:half], rows[half:]]

@@ -68,3 +68,113 @@ class OpenSmileEncoder(Encoder):
             vectors.append(feats)
             valid.append(reason is None)
         return {"pooled": stack_or_empty(vectors, self.dim), "valid": np.array(valid, bool)}, problems
+
+
+@dataclass
+class HFAudioConfig:
+    weights: str                     # hub id or local dir: WavLM, data2vec-audio, wav2vec2, HuBERT, ...
+    revision: str | None = None
+    layer: int = -1                  # which hidden layer to pool (-1: the last)
+    max_seconds: float = 20.0        # longer audio is cut (memory grows with length)
+    min_seconds: float = 0.1
+    batch_size: int = 8
+    device: str = "auto"
+    autocast: str = "bf16"           # CUDA only: bf16 | fp16 | none
+    return_sequence: bool = False    # also store the frame sequence (ragged, ~50 frames/s)
+
+
+@register
+class HFAudioEncoder(Encoder):
+    """Self-supervised speech models via transformers (MaTAV: WavLM; TelME's student input: data2vec-audio).
+
+    The utterance's frames are mean-pooled over the model's own frame mask, so padding in a batch never
+    changes a feature."""
+    kind = "hf_audio"
+    modality = "audio"
+    needs_media = True
+    Config = HFAudioConfig
+
+    def __init__(self, name, config: HFAudioConfig):
+        super().__init__(name, config)
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        from pipeline.encoders import resolve_device, resolve_weights
+
+        path = resolve_weights(config.weights)
+        self.processor = AutoFeatureExtractor.from_pretrained(path, revision=config.revision)
+        self.model = AutoModel.from_pretrained(path, revision=config.revision)
+        self.device = resolve_device(config.device)
+        self.model.to(self.device).eval()
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def provenance(self):
+        from pipeline.encoders import resolve_weights, weights_hash
+
+        return {**super().provenance(), "weights": self.config.weights,
+                "weights_revision": self.config.revision or getattr(self.model.config, "_commit_hash", None),
+                "weights_hash": weights_hash(resolve_weights(self.config.weights)),
+                "model_type": self.model.config.model_type, "sample_rate": int(self.processor.sampling_rate)}
+
+    def forward(self, waves: list[np.ndarray], sr: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Pooled [B, D] and per-utterance frame sequences of a batch of waveforms."""
+        import torch
+
+        from pipeline.encoders import autocast_context
+
+        inputs = self.processor(waves, sampling_rate=sr, padding=True, return_attention_mask=True,
+                                return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        with autocast_context(self.device, self.config.autocast):
+            out = self.model(**inputs, output_hidden_states=self.config.layer != -1)
+        hidden = (out.hidden_states[self.config.layer] if self.config.layer != -1 else out.last_hidden_state).float()
+        frames = self.model._get_feature_vector_attention_mask(hidden.shape[1], inputs["attention_mask"])
+        frames = frames.to(hidden.dtype)
+        pooled = (hidden * frames[..., None]).sum(1) / frames.sum(1, keepdim=True).clamp(min=1)
+        seqs = [hidden[i, frames[i].bool()].cpu().numpy() for i in range(len(waves))] \
+            if self.config.return_sequence else []
+        return pooled.cpu().numpy(), seqs
+
+    def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
+        import torch
+
+        from pipeline.encoders import batched_with_oom_retry
+        from pipeline.store import ragged
+
+        sr = int(media.attrs["sample_rate"])
+        if sr != self.processor.sampling_rate:
+            raise ParamsError(f"encoders.{self.name}: the model expects {self.processor.sampling_rate} Hz audio, "
+                              f"the media store holds {sr} Hz (set decode.sample_rate)")
+        ids = rows["utt_id"].tolist()
+        ok = media.fixed("audio_valid", ids).astype(bool)
+        waves, problems, valid = [], [], []
+        for (_, r), good in zip(rows.iterrows(), ok):
+            x = media.audio(r["utt_id"])[: int(self.config.max_seconds * sr)] if good else np.zeros(0, np.float32)
+            if not good:
+                problems.append(masked_problem(r, r.get("audio", ""), "audio masked at decode", "audio"))
+            elif len(x) < self.config.min_seconds * sr:
+                problems.append(masked_problem(r, r.get("audio", ""), f"audio shorter than {self.config.min_seconds} s",
+                                               "audio"))
+                good = False
+            waves.append(x if good else np.zeros(int(self.config.min_seconds * sr), np.float32))
+            valid.append(bool(good))
+        valid = np.array(valid, bool)
+        pooled = np.zeros((len(ids), self.dim), np.float32)
+        seqs = [np.zeros((0, self.dim), np.float32)] * len(ids)
+
+        def run(batch_rows):
+            vec, seq = self.forward([waves[i] for i in batch_rows], sr)
+            pooled[batch_rows] = vec
+            for k, i in enumerate(batch_rows):
+                if seq:
+                    seqs[i] = seq[k]
+
+        with torch.inference_mode():
+            batched_with_oom_retry(np.argsort([len(w) for w in waves], kind="stable"), self.config.batch_size, run)
+        pooled[~valid] = 0.0
+        arrays = {"pooled": pooled, "valid": valid}
+        if self.config.return_sequence:
+            arrays.update(ragged(seqs, "seq", np.float32, (self.dim,)))
+        return arrays, problems

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.encoders import Encoder, masked_problem, register, resolve_device, resolve_weights, weights_hash
+from pipeline.encoders import (Encoder, autocast_context, batched_with_oom_retry, masked_problem, register,
+                               resolve_device, resolve_weights, weights_hash)
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
 
@@ -143,28 +144,28 @@ class HFTextEncoder(Encoder):
         encoded = self.tokenize(pairs)
         pooled = np.zeros((len(rows), self.dim), np.float32)
         seqs: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * len(rows)
+
+        def run(batch_rows):
+            batch = self.tokenizer.pad([encoded[i] for i in batch_rows], return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with autocast_context(self.device, c.autocast):
+                hidden = self.model(**batch).last_hidden_state.float()
+            att = batch["attention_mask"]
+            if c.pooling == "cls":
+                vec = hidden[:, 0]
+            elif c.pooling == "mean":
+                vec = (hidden * att[..., None]).sum(1) / att.sum(1, keepdim=True).clamp(min=1)
+            else:
+                pos = (batch["input_ids"] == self.tokenizer.mask_token_id).float().argmax(1)
+                vec = hidden[torch.arange(len(pos)), pos]
+            pooled[batch_rows] = vec.cpu().numpy()
+            if c.return_sequence:
+                for k, i in enumerate(batch_rows):
+                    seqs[i] = hidden[k, att[k].bool()].cpu().numpy()
+
         order = np.argsort([len(e["input_ids"]) for e in encoded], kind="stable")  # length-sorted batches
-        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.autocast)
         with torch.inference_mode():
-            for s in range(0, len(order), c.batch_size):
-                batch_rows = order[s:s + c.batch_size]
-                batch = self.tokenizer.pad([encoded[i] for i in batch_rows], return_tensors="pt")
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                with torch.autocast(self.device.type, dtype=autocast,
-                                    enabled=self.device.type == "cuda" and autocast is not None):
-                    hidden = self.model(**batch).last_hidden_state.float()
-                att = batch["attention_mask"]
-                if c.pooling == "cls":
-                    vec = hidden[:, 0]
-                elif c.pooling == "mean":
-                    vec = (hidden * att[..., None]).sum(1) / att.sum(1, keepdim=True).clamp(min=1)
-                else:
-                    pos = (batch["input_ids"] == self.tokenizer.mask_token_id).float().argmax(1)
-                    vec = hidden[torch.arange(len(pos)), pos]
-                pooled[batch_rows] = vec.cpu().numpy()
-                if c.return_sequence:
-                    for k, i in enumerate(batch_rows):
-                        seqs[i] = hidden[k, att[k].bool()].cpu().numpy()
+            batched_with_oom_retry(order, c.batch_size, run)
         pooled[~valid] = 0.0
         arrays = {"pooled": pooled, "valid": valid}
         if c.return_sequence:
