@@ -77,7 +77,8 @@ class HFAudioConfig:
     layer: int = -1                  # which hidden layer to pool (-1: the last)
     max_seconds: float = 20.0        # longer audio is cut (memory grows with length)
     min_seconds: float = 0.1
-    batch_size: int = 8
+    batch_size: int = 0              # 0: 8 on CUDA, 1 on CPU (there padded batches of long audio run slower
+                                     # than one clip at a time: the conv front end is memory-bound)
     device: str = "auto"
     autocast: str = "bf16"           # CUDA only: bf16 | fp16 | none
     return_sequence: bool = False    # also store the frame sequence (ragged, ~50 frames/s)
@@ -172,7 +173,8 @@ class HFAudioEncoder(Encoder):
                     seqs[i] = seq[k]
 
         with torch.inference_mode():
-            batched_with_oom_retry(np.argsort([len(w) for w in waves], kind="stable"), self.config.batch_size, run)
+            batch_size = self.config.batch_size or (8 if self.device.type == "cuda" else 1)
+            batched_with_oom_retry(np.argsort([len(w) for w in waves], kind="stable"), batch_size, run)
         pooled[~valid] = 0.0
         arrays = {"pooled": pooled, "valid": valid}
         if self.config.return_sequence:

@@ -83,3 +83,196 @@ class Cnn3dEncoder(Encoder):
                 pooled[s:s + len(frames)] = self.net(clip).float().cpu().numpy()
         pooled[~valid] = 0.0
         return {"pooled": pooled, "valid": valid}, problems
+
+
+def sample_frames(frames: np.ndarray, count: int) -> np.ndarray:
+    """`count` of the store's canonical frames, uniformly (repeating when the store holds fewer)."""
+    from pipeline.media import frame_indices
+
+    return frames[frame_indices(0, len(frames) - 1, count)]
+
+
+@dataclass
+class HFVideoConfig:
+    weights: str                  # hub id or local dir of a video transformer (TimeSformer, VideoMAE, ViViT)
+    revision: str | None = None
+    pooling: str = "cls"          # cls | mean (over the patch tokens)
+    batch_size: int = 8
+    device: str = "auto"
+    autocast: str = "bf16"
+
+
+@register
+class HFVideoEncoder(Encoder):
+    """Video transformers via transformers (TelME's visual student input: TimeSformer on 8 frames).
+
+    The model's `num_frames` frames are taken uniformly from the store's canonical frames and prepared by
+    the model's own image processor (resize, crop, normalise)."""
+    kind = "hf_video"
+    modality = "visual"
+    needs_media = True
+    Config = HFVideoConfig
+
+    def __init__(self, name, config: HFVideoConfig):
+        super().__init__(name, config)
+        from transformers import AutoImageProcessor, AutoModel
+
+        from pipeline.encoders import resolve_weights
+
+        path = resolve_weights(config.weights)
+        self.processor = AutoImageProcessor.from_pretrained(path, revision=config.revision)
+        self.model = AutoModel.from_pretrained(path, revision=config.revision)
+        self.device = resolve_device(config.device)
+        self.model.to(self.device).eval()
+        self.num_frames = int(getattr(self.model.config, "num_frames", 8))
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def provenance(self):
+        from pipeline.encoders import resolve_weights
+
+        return {**super().provenance(), "weights": self.config.weights,
+                "weights_revision": self.config.revision or getattr(self.model.config, "_commit_hash", None),
+                "weights_hash": weights_hash(resolve_weights(self.config.weights)),
+                "model_type": self.model.config.model_type, "frames_used": self.num_frames}
+
+    def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
+        from pipeline.encoders import autocast_context, batched_with_oom_retry
+
+        ids = rows["utt_id"].tolist()
+        valid = media.fixed("video_valid", ids).astype(bool)
+        problems = [masked_problem(r, r.get("video", ""), "video masked at decode", "visual")
+                    for (_, r), ok in zip(rows.iterrows(), valid) if not ok]
+        pooled = np.zeros((len(ids), self.dim), np.float32)
+
+        def run(batch_rows):
+            videos = [list(sample_frames(media.frames(ids[i]), self.num_frames)) for i in batch_rows]
+            inputs = self.processor(videos, return_tensors="pt")
+            with autocast_context(self.device, self.config.autocast):
+                hidden = self.model(pixel_values=inputs["pixel_values"].to(self.device)).last_hidden_state.float()
+            vec = hidden[:, 0] if self.config.pooling == "cls" else hidden[:, 1:].mean(1)
+            pooled[batch_rows] = vec.cpu().numpy()
+
+        with torch.inference_mode():
+            batched_with_oom_retry(np.flatnonzero(valid), self.config.batch_size, run)
+        return {"pooled": pooled, "valid": valid}, problems
+
+
+@dataclass
+class VisExtNetConfig:
+    weights: str                  # local dir / hub id of an image classifier (MultiEMO: ResNet-101, 2048->1000)
+    revision: str | None = None
+    detector: str = "haar"        # haar: OpenCV's bundled frontal-face cascade | full: the whole frame is the face
+    max_frames: int = 20          # MultiEMO looks at up to 20 frames
+    min_face: int = 24            # smallest face side (pixels of the stored frame) the detector reports
+    face_size: int = 224
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    batch_size: int = 64          # faces per CNN batch
+    device: str = "auto"
+    autocast: str = "bf16"
+
+
+@register
+class VisExtNetEncoder(Encoder):
+    """VisExtNet-style face features (MaTAV/MultiEMO): detect the face in each frame, crop it, run a CNN on
+    every face, average the CNN outputs over the frames that have a face.
+
+    Frames without a face are left out of the average and counted in the stage summary; an utterance with no
+    face in any frame is masked. MultiEMO's VGGFace2 weights are no longer published: give the classifier
+    (e.g. a ResNet-101 with a 1000-way head, in transformers' format) as `weights`."""
+    kind = "visextnet"
+    modality = "visual"
+    needs_media = True
+    Config = VisExtNetConfig
+
+    def __init__(self, name, config: VisExtNetConfig):
+        super().__init__(name, config)
+        from transformers import AutoModelForImageClassification
+
+        from pipeline.encoders import resolve_weights
+
+        if config.detector not in ("haar", "full"):
+            raise ValueError(f"encoders.{name}.detector: haar | full, not {config.detector!r}")
+        self.model = AutoModelForImageClassification.from_pretrained(resolve_weights(config.weights),
+                                                                     revision=config.revision)
+        self.device = resolve_device(config.device)
+        self.model.to(self.device).eval()
+        self.cascade = None
+        if config.detector == "haar":
+            import cv2
+
+            self.cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.num_labels)
+
+    def provenance(self):
+        from pipeline.encoders import resolve_weights
+
+        return {**super().provenance(), "weights": self.config.weights,
+                "weights_hash": weights_hash(resolve_weights(self.config.weights)),
+                "model_type": self.model.config.model_type, "face_detector": self.config.detector}
+
+    def face(self, frame: np.ndarray) -> np.ndarray | None:
+        """The largest face of an RGB frame, cropped (None: no face)."""
+        if self.cascade is None:
+            return frame
+        import cv2
+
+        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        found = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+                                              minSize=(self.config.min_face, self.config.min_face))
+        if len(found) == 0:
+            return None
+        x, y, w, h = max(found, key=lambda b: b[2] * b[3])
+        return frame[y:y + h, x:x + w]
+
+    @torch.inference_mode()
+    def cnn(self, faces: list[np.ndarray]) -> np.ndarray:
+        """The classifier's output for each face crop: [n, num_labels]."""
+        from pipeline.encoders import autocast_context
+
+        c = self.config
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).float() / 255.0 for f in
+                         [_resize(f, c.face_size) for f in faces]]).to(self.device)
+        x = (x - torch.tensor(c.mean, device=self.device)[:, None, None]) / torch.tensor(c.std, device=self.device)[:, None, None]
+        with autocast_context(self.device, c.autocast):
+            return self.model(pixel_values=x).logits.float().cpu().numpy()
+
+    def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
+        ids = rows["utt_id"].tolist()
+        valid = media.fixed("video_valid", ids).astype(bool)
+        faces, owner, problems = [], [], []
+        for k, ((_, r), ok) in enumerate(zip(rows.iterrows(), valid)):
+            if not ok:
+                problems.append(masked_problem(r, r.get("video", ""), "video masked at decode", "visual"))
+                continue
+            frames = media.frames(r["utt_id"])
+            frames = sample_frames(frames, min(self.config.max_frames, len(frames)))
+            found = [f for f in (self.face(fr) for fr in frames) if f is not None and f.size]
+            if not found:
+                valid[k] = False
+                problems.append(masked_problem(r, r.get("video", ""), f"no face found in {len(frames)} frames", "visual"))
+                continue
+            if len(found) < len(frames):
+                problems.append({**masked_problem(r, r.get("video", ""), f"no face in {len(frames) - len(found)} of "
+                                                  f"{len(frames)} frames", "visual"), "action": "frames_masked"})
+            faces.extend(found)
+            owner.extend([k] * len(found))
+        pooled = np.zeros((len(ids), self.dim), np.float32)
+        if faces:
+            outs = [self.cnn(faces[s:s + self.config.batch_size]) for s in range(0, len(faces), self.config.batch_size)]
+            per_face, owner = np.concatenate(outs), np.array(owner)
+            for k in np.unique(owner):
+                pooled[k] = per_face[owner == k].mean(0)
+        return {"pooled": pooled, "valid": valid}, problems
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    from pipeline.media import resize_frames
+
+    return resize_frames(img[None], size)[0]

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from pipeline.encoders import build_encoder, extract
+from pipeline.store import FeatureStore, MediaStore
+
+
+@pytest.fixture(scope="module")
+def tiny_timesformer(tmp_path_factory):
+    import torch
+    from transformers import TimesformerConfig, TimesformerModel, VideoMAEImageProcessor
+
+    d = tmp_path_factory.mktemp("timesformer")
+    torch.manual_seed(0)
+    TimesformerModel(TimesformerConfig(image_size=32, patch_size=16, num_frames=3, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
+    VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet(tmp_path_factory):
+    """A ResNet-101-shaped classifier (bottleneck blocks, 1000-way head), tiny widths, random init."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    d = tmp_path_factory.mktemp("resnet")
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                              layer_type="bottleneck", num_labels=1000)).save_pretrained(d)
+    return str(d)
+
+
+def test_timesformer_store(tiny_timesformer, sample_manifest, sample_media, tmp_path):
+    cfg = {"kind": "hf_video", "weights": tiny_timesformer, "device": "cpu", "batch_size": 3}
+    extract(sample_manifest, build_encoder("v", cfg), tmp_path / "a.h5", sample_media, chunk_size=10)
+    extract(sample_manifest, build_encoder("v", {**cfg, "batch_size": 1}), tmp_path / "b.h5", sample_media)
+    with FeatureStore(tmp_path / "a.h5") as a, FeatureStore(tmp_path / "b.h5") as b:
+        x = a.pooled()
+        assert x.shape == (len(sample_manifest), 32) and np.isfinite(x).all() and a.valid().all()
+        assert a.utt_ids == sample_manifest.utt_ids
+        np.testing.assert_allclose(x, b.pooled(), atol=1e-5)
+        assert a.attrs["frames_used"] == 3 and a.attrs["model_type"] == "timesformer"
+        assert x.std(0).max() > 0
+
+
+def test_visextnet_full_frame(tiny_resnet, sample_manifest, sample_media, tmp_path):
+    cfg = {"kind": "visextnet", "weights": tiny_resnet, "detector": "full", "face_size": 32, "device": "cpu"}
+    summary = extract(sample_manifest, build_encoder("f", cfg), tmp_path / "f.h5", sample_media)
+    assert summary["problems"] == []
+    with FeatureStore(tmp_path / "f.h5") as s, MediaStore(sample_media) as media:
+        x = s.pooled()
+        assert x.shape == (len(sample_manifest), 1000) and s.valid().all()
+        enc = build_encoder("f", cfg)
+        u = s.utt_ids[2]   # the mean over frames of the CNN's 1000-way output
+        np.testing.assert_allclose(x[2], enc.cnn(list(media.frames(u))).mean(0), atol=1e-4)
+
+
+def test_visextnet_haar_reports_faceless_frames(tiny_resnet, sample_manifest, sample_media, tmp_path):
+    enc = build_encoder("f", {"kind": "visextnet", "weights": tiny_resnet, "detector": "haar", "face_size": 32,
+                              "min_face": 8, "device": "cpu"})
+    assert enc.face(np.zeros((64, 64, 3), np.uint8)) is None
+    summary = extract(sample_manifest, enc, tmp_path / "f.h5", sample_media)
+    with FeatureStore(tmp_path / "f.h5") as s:
+        masked = {q["utt_id"] for q in summary["problems"] if q["action"] == "masked"}
+        assert masked == {u for u, ok in zip(s.utt_ids, s.valid()) if not ok}
+        assert all(q["problem"].startswith(("no face found in", "no face in")) for q in summary["problems"])
+        assert not s.pooled(sorted(masked)).any()
