@@ -38,13 +38,16 @@ class ERCHead(nn.Module):
         # select before the loss: NaN * 0 is still NaN in the gradient
         return F.mse_loss(out[ok], target[ok]) if ok.any() else out.sum() * 0.0
 
+    def prepare(self, data) -> None:
+        """Called once by the trainer before training, with the CachedDialogues (e.g. to fit a frozen part)."""
+
     def loss(self, batch: DialogueBatch, out: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss = self.task_loss(batch, out)
         return loss, {"task": float(loss.detach())}
 
 
 def build_head(name: str, dims: dict[str, int], n_out: int, task: str, options: dict) -> ERCHead:
-    from heads import baselines  # noqa: F401  (fill the registry)
+    from heads import baselines, dialoguetrm, matav, telme  # noqa: F401  (fill the registry)
 
     if name not in HEADS:
         raise ValueError(f"unknown head '{name}'; known: {sorted(HEADS)}")

@@ -70,6 +70,7 @@ def selection_score(head: ERCHead, metrics: dict) -> float:
 def train_head(head: ERCHead, data: CachedDialogues, p: TrainerParams, log=print) -> TrainResult:
     seed_everything(p.seed)
     device = resolve_device(p.device)
+    head.prepare(data)
     head.to(device)
     if not data.dialogues("dev"):
         raise ValueError("the manifest has no dev split: early stopping needs one (never select on test)")

@@ -1,0 +1,159 @@
+"""DialogueTRM (Mao et al., 2021, dialoguetrm.md §4) on cached utterance features.
+
+Intra-modal emotion dynamics (§4.1): one Transformer per modality over the dialogue, its attention mask
+chosen per modality — context-dependent (conv-context window K, eq. 2-3) or context-free (eq. 4-6).
+Inter-modal emotion dynamics (§4.2): MGIF — a GATE on every modality pair (prototype dependency, eq. 7-14),
+then the gated vectors behind a learned CLS embedding through a Transformer (representation dependency,
+eq. 15-16). Discriminator (§4.3, eq. 17-18): tanh hidden layer, softmax (categorical) or linear
+(dimensional).
+
+The text features are expected to carry the self dependency already (the `indi_context` input of eq. 1).
+Ablations (Tables 4-5) are options: `context` per modality, `fusion` = mgif | no_gate (w/o prototype
+dependency) | no_transformer (w/o representation dependency: concat of the gated vectors) | additive |
+concat | max.
+"""
+from __future__ import annotations
+
+from itertools import combinations
+
+import torch
+from torch import nn
+
+from heads import ERCHead, register
+from heads.data import DialogueBatch
+
+FUSIONS = ("mgif", "no_gate", "no_transformer", "additive", "concat", "max")
+
+
+def conv_context_mask(length: int, window: int, device=None) -> torch.Tensor:
+    """Eq. 3: row i may attend to j iff max(0, i-K) <= j <= i (the K-turn conv-context and itself).
+
+    Boolean [L, L], True = allowed. Every row allows its own position, so no row is masked everywhere
+    (a fully masked softmax row is NaN) — also for padded turns, whose outputs are ignored."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    return (j <= i) & (j >= i - window)
+
+
+def context_free_mask(length: int, device=None) -> torch.Tensor:
+    """Eq. 6: each turn attends to itself only."""
+    return torch.eye(length, dtype=torch.bool, device=device)
+
+
+class IntraModalTransformer(nn.Module):
+    """Eq. 2 / 4 / 5: r_i = Transformer(F, rho_i), after projecting the features to d_model."""
+
+    def __init__(self, d_in: int, d_model: int, layers: int, heads: int, dropout: float, context: str, window: int):
+        super().__init__()
+        if context not in ("dependent", "free"):
+            raise ValueError(f"DialogueTRM context must be 'dependent' or 'free', not {context!r}")
+        self.context, self.window = context, window
+        self.proj = nn.Linear(d_in, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = x.shape[1]
+        allowed = conv_context_mask(L, self.window, x.device) if self.context == "dependent" \
+            else context_free_mask(L, x.device)
+        return self.encoder(self.proj(x), mask=~allowed)   # PyTorch: True = not allowed
+
+
+class GATE(nn.Module):
+    """Eq. 7-12: h_u = tanh(W^U r_u), h_a = tanh(W^A r_a), z = sigmoid(W^Z [r_u; r_a]),
+    returns (z * h_u, (1 - z) * h_a): a position-wise trade-off between the two vectors."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.w_u, self.w_a, self.w_z = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(2 * d, d)
+
+    def forward(self, r_u: torch.Tensor, r_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h_u, h_a = torch.tanh(self.w_u(r_u)), torch.tanh(self.w_a(r_a))
+        z = torch.sigmoid(self.w_z(torch.cat([r_u, r_a], dim=-1)))
+        return z * h_u, (1 - z) * h_a
+
+
+class MGIF(nn.Module):
+    """Eq. 13-16: GATE on each modality pair (u,a), (u,v), (a,v); M_i = [e_CLS, h_ua, h_au, h_uv, h_vu, h_av, h_va]
+    through a Transformer with an all-ones mask; o_i is the output at e_CLS.
+
+    `gate=False` is Table 5's w/o prototype dependency (the r_m themselves are the tokens);
+    `transformer=False` is w/o representation dependency (o_i = concatenation of the gated vectors)."""
+
+    def __init__(self, modalities: list[str], d: int, layers: int, heads: int, dropout: float,
+                 gate: bool = True, transformer: bool = True):
+        super().__init__()
+        self.pairs = list(combinations(modalities, 2))
+        self.gate, self.transformer = gate, transformer
+        self.gates = nn.ModuleDict({f"{a}_{b}": GATE(d) for a, b in self.pairs}) if gate else nn.ModuleDict()
+        n_tokens = 2 * len(self.pairs) if gate else len(modalities)
+        self.out_dim = d if transformer else n_tokens * d
+        if transformer:
+            self.cls = nn.Parameter(torch.randn(d) * 0.02)
+            layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def tokens(self, reps: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if not self.gate:
+            return list(reps.values())
+        out = []
+        for a, b in self.pairs:
+            out.extend(self.gates[f"{a}_{b}"](reps[a], reps[b]))
+        return out
+
+    def forward(self, reps: dict[str, torch.Tensor]) -> torch.Tensor:
+        toks = self.tokens(reps)                                  # each [B, L, d]
+        if not self.transformer:
+            return torch.cat(toks, dim=-1)
+        B, L, d = toks[0].shape
+        seq = torch.stack([self.cls.expand(B, L, d)] + toks, dim=2).reshape(B * L, len(toks) + 1, d)
+        return self.encoder(seq)[:, 0].reshape(B, L, d)
+
+
+class Discriminator(nn.Module):
+    """Eq. 17-18: W^C tanh(W^O o) (softmax in the loss) for categorical, W^D tanh(W^O o) for dimensional."""
+
+    def __init__(self, d_in: int, d_hidden: int, n_out: int):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, n_out)
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(o)))
+
+
+@register("dialoguetrm")
+class DialogueTRM(ERCHead):
+    """Paper sizes: d_model 768, intra 6 layers x 12 heads, inter 4 layers x 8 heads (§5.2)."""
+
+    def __init__(self, dims, n_out, task, d_model: int = 768, intra_layers: int = 6, intra_heads: int = 12,
+                 inter_layers: int = 4, inter_heads: int = 8, window: int = 14, dropout: float = 0.1,
+                 context: dict | None = None, fusion: str = "mgif"):
+        super().__init__(dims, n_out, task)
+        if fusion not in FUSIONS:
+            raise ValueError(f"DialogueTRM fusion must be one of {FUSIONS}, not {fusion!r}")
+        context = {"text": "dependent", "audio": "free", "visual": "free", **(context or {})}
+        self.fusion = fusion
+        self.intra = nn.ModuleDict({m: IntraModalTransformer(d, d_model, intra_layers, intra_heads, dropout,
+                                                             context[m], window) for m, d in dims.items()})
+        fused_dim = d_model
+        if len(dims) > 1 and fusion.startswith(("mgif", "no_")):
+            self.mgif = MGIF(self.modalities, d_model, inter_layers, inter_heads, dropout,
+                             gate=fusion != "no_gate", transformer=fusion != "no_transformer")
+            fused_dim = self.mgif.out_dim
+        elif fusion == "concat":
+            fused_dim = d_model * len(dims)
+        self.discriminator = Discriminator(fused_dim, d_model, n_out)
+
+    def forward(self, batch: DialogueBatch) -> torch.Tensor:
+        reps = {m: self.intra[m](batch.features[m] * batch.valid[m][..., None]) for m in self.modalities}
+        if len(reps) == 1:
+            o = next(iter(reps.values()))            # DialogueTRM-U: no inter-modal fusion
+        elif hasattr(self, "mgif"):
+            o = self.mgif(reps)
+        elif self.fusion == "additive":
+            o = torch.stack(list(reps.values())).sum(0)
+        elif self.fusion == "max":
+            o = torch.stack(list(reps.values())).amax(0)
+        else:
+            o = torch.cat(list(reps.values()), dim=-1)
+        return self.discriminator(o)
