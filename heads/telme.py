@@ -61,10 +61,11 @@ def feature_kd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) ->
 class Student(nn.Module):
     """A non-verbal student on a cached feature: F_s = MLP(x) in the teacher's dimension, Z^s = W F_s."""
 
-    def __init__(self, d_in: int, d_teacher: int, n_out: int, dropout: float):
+    def __init__(self, d_in: int, d_teacher: int, n_out: int, dropout: float, d_hidden: int | None = None):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(d_in, d_teacher), nn.GELU(), nn.Dropout(dropout),
-                                     nn.Linear(d_teacher, d_teacher))
+        d_hidden = d_hidden or d_teacher
+        self.encoder = nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(d_hidden, d_teacher))
         self.classifier = nn.Linear(d_teacher, n_out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +100,7 @@ class TelME(ERCHead):
     def __init__(self, dims, n_out, task, teacher: str = "text", alpha: float = 1.0, beta: float = 1.0,
                  tau_response: float = 2.0, tau_feature: float = 1.0, theta: float = 0.1, dropout: float = 0.1,
                  heads: int = 3, response: bool = True, feature: bool = True, fusion: str = "asf",
-                 paper_defaults: str | None = None):
+                 student_hidden: int | None = None, paper_defaults: str | None = None):
         super().__init__(dims, n_out, task)
         if paper_defaults:
             vals = PAPER_DEFAULTS[paper_defaults]
@@ -117,7 +118,8 @@ class TelME(ERCHead):
         # frozen teacher head: used when the text store has no logits; set by fit_teacher
         self.teacher_head = nn.Linear(d_t, n_out)
         self.teacher_head.requires_grad_(False)
-        self.students = nn.ModuleDict({m: Student(dims[m], d_t, n_out, dropout) for m in self.student_names})
+        self.students = nn.ModuleDict({m: Student(dims[m], d_t, n_out, dropout, student_hidden)
+                                       for m in self.student_names})
         if self.student_names and fusion == "asf":
             while d_t % heads:
                 heads -= 1   # MultiheadAttention needs d % heads == 0
@@ -160,6 +162,7 @@ class TelME(ERCHead):
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
         f_t, students = self.encode(batch)
+        self._students = (batch, f_t, students)   # reused by loss() on the same batch: one student pass
         vecs = [students[m][0].detach() for m in self.student_names]
         if hasattr(self, "asf"):
             return self.classifier(self.asf(f_t, vecs))
@@ -167,7 +170,9 @@ class TelME(ERCHead):
 
     def loss(self, batch: DialogueBatch, out: torch.Tensor):
         fusion = self.task_loss(batch, out)
-        f_t, students = self.encode(batch)
+        cached = getattr(self, "_students", None)
+        f_t, students = cached[1:] if cached is not None and cached[0] is batch else self.encode(batch)
+        self._students = None
         parts = {"fusion": float(fusion.detach())}
         total = fusion
         keep = batch.mask & (batch.labels != IGNORE) if self.task == "categorical" else batch.mask

@@ -113,3 +113,33 @@ def test_unknown_encoder_kind_and_key():
         build_encoder("x", {"kind": "nope"})
     with pytest.raises(ValueError, match="unknown key"):
         build_encoder("x", {"kind": "opensmile", "feature_sett": "eGeMAPSv02"})
+
+
+def test_oom_halves_the_batch_instead_of_failing():
+    import torch
+
+    from pipeline.encoders import batched_with_oom_retry
+
+    seen = []
+
+    def run(rows):
+        if len(rows) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        seen.append(list(rows))
+
+    batched_with_oom_retry(np.arange(10), 8, run)
+    assert sorted(i for b in seen for i in b) == list(range(10)) and max(len(b) for b in seen) == 2
+
+    def never(rows):
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        batched_with_oom_retry(np.arange(3), 2, never)
+
+
+def test_compare_2016_functionals(sample_manifest, sample_media, tmp_path):
+    few = Manifest(sample_manifest.rows.iloc[:3], sample_manifest.meta)
+    extract(few, build_encoder("c", {"kind": "opensmile", "feature_set": "ComParE_2016"}), tmp_path / "c.h5",
+            sample_media)
+    with FeatureStore(tmp_path / "c.h5") as s:
+        assert s.pooled().shape == (3, 6373) and np.isfinite(s.pooled()).all()
