@@ -103,6 +103,7 @@ class HeadParams:
     task: str = "categorical"               # categorical (softmax over labels) | dimensional (regression)
     modalities: list[str] = field(default_factory=lambda: ["text", "audio", "visual"])
     options: dict[str, Any] = field(default_factory=dict)   # head-specific, checked by the head
+    features: dict[str, str] = field(default_factory=dict)  # per-head override of `features` (e.g. a teacher)
     trainer: dict[str, Any] = field(default_factory=dict)   # overrides of the shared trainer params
 
 
@@ -111,6 +112,7 @@ class Params:
     datasets: list[str]
     extract: list[str]
     train: list[str]
+    teachers: list[str]
     sample: SampleParams
     data: dict[str, DatasetParams]
     decode: DecodeParams
@@ -118,6 +120,7 @@ class Params:
     features: dict[str, str]                # modality -> encoder whose store feeds the heads
     trainer: TrainerParams
     heads: dict[str, HeadParams]
+    finetune: dict[str, dict[str, Any]]     # parsed by pipeline.finetune.FinetuneParams
 
     def head(self, name: str) -> HeadParams:
         if name not in self.heads:
@@ -139,6 +142,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
         datasets=list(raw.get("datasets", [])),
         extract=list(raw.get("extract", [])),
         train=list(raw.get("train", [])),
+        teachers=list(raw.get("teachers", [])),
         sample=from_dict(SampleParams, raw.get("sample"), "sample"),
         data={k: from_dict(DatasetParams, v, f"data.{k}") for k, v in (raw.get("data") or {}).items()},
         decode=from_dict(DecodeParams, raw.get("decode"), "decode"),
@@ -146,9 +150,14 @@ def parse_params(raw: dict[str, Any]) -> Params:
         features=dict(raw.get("features") or {}),
         trainer=from_dict(TrainerParams, raw.get("trainer"), "trainer"),
         heads={k: from_dict(HeadParams, v, f"heads.{k}") for k, v in (raw.get("heads") or {}).items()},
+        finetune=dict(raw.get("finetune") or {}),
     )
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+def load_raw(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
-        return parse_params(yaml.safe_load(f) or {})
+        return yaml.safe_load(f) or {}
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    return parse_params(load_raw(path))

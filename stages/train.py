@@ -15,11 +15,13 @@ from pipeline.params import ParamsError, load_params
 from pipeline.store import atomic_write_text
 
 
-def feature_stores(params, dataset: str, modalities: list[str]) -> dict[str, str]:
-    missing = [m for m in modalities if m not in params.features]
+def feature_stores(params, dataset: str, head: str) -> dict[str, str]:
+    hp = params.head(head)
+    chosen = {**params.features, **hp.features}
+    missing = [m for m in hp.modalities if m not in chosen]
     if missing:
-        raise ParamsError(f"features: no store chosen for modality {missing} (params `features`)")
-    return {m: f"data/features/{dataset}/{params.features[m]}.h5" for m in modalities}
+        raise ParamsError(f"features: no store chosen for modality {missing} (params `features` / heads.{head}.features)")
+    return {m: f"data/features/{dataset}/{chosen[m]}.h5" for m in hp.modalities}
 
 
 def main(argv=None):
@@ -31,7 +33,7 @@ def main(argv=None):
     params = load_params(args.params)
     hp = params.head(args.head)
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
-    data = CachedDialogues(manifest, feature_stores(params, args.dataset, hp.modalities))
+    data = CachedDialogues(manifest, feature_stores(params, args.dataset, args.head))
     n_out = len(manifest.meta.labels) if hp.task == "categorical" else len(manifest.meta.dimensions)
     head = build_head(hp.head, {m: data.dim(m) for m in hp.modalities}, n_out, hp.task, hp.options)
     result = train_head(head, data, params.trainer_for(args.head))

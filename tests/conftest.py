@@ -20,7 +20,9 @@ def tiny_bert(tmp_path_factory) -> str:
     words = ("the a i am so happy sad angry about this is it was on my you we me not what why how now feels "
              "cake car letter monday friday okay hmm well tell more meeting report bus love great furious "
              "cry lost ada ben said yes no").split()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz.,!?'") + words
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(letters + ".,!?'") + words
+             + [f"##{c}" for c in letters])   # any lower-case word splits into pieces: no [UNK] text
     (d / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     tok = BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(d)

@@ -75,6 +75,25 @@ def text_inputs(manifest: Manifest, rows: np.ndarray, fmt: str, window: int | No
     return out
 
 
+def tokenize_pairs(tokenizer, pairs: list[tuple[str, str | None]], fmt: str, max_length: int) -> list[dict]:
+    """Token ids of (text, text_pair) inputs; `indi_context` truncates only the context, `prompt` the history
+    (the tokenizer's truncation side is set to left by `load_text_model`)."""
+    trunc = "only_second" if fmt == "indi_context" else True
+    return [tokenizer(text, truncation=trunc, max_length=max_length, **({"text_pair": pair} if pair is not None else {}))
+            for text, pair in pairs]
+
+
+def pool_hidden(hidden: torch.Tensor, batch: dict, pooling: str, mask_token_id: int | None) -> torch.Tensor:
+    """[B, T, d] -> [B, d] at the pooling position: first token, mean of real tokens, or the <mask> token."""
+    att = batch["attention_mask"]
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        return (hidden * att[..., None]).sum(1) / att.sum(1, keepdim=True).clamp(min=1)
+    pos = (batch["input_ids"] == mask_token_id).float().argmax(1)
+    return hidden[torch.arange(len(pos), device=hidden.device), pos]
+
+
 def load_text_model(weights: str, revision: str | None, fmt: str, n_speakers: int):
     """Tokenizer and encoder from a hub id or local directory; speaker tokens added for `prompt`."""
     from transformers import AutoModel, AutoTokenizer
@@ -88,6 +107,8 @@ def load_text_model(weights: str, revision: str | None, fmt: str, n_speakers: in
         tokens = [f"<s{k}>" for k in range(1, n_speakers + 1)]
         if tokenizer.add_special_tokens({"additional_special_tokens": tokens}):
             model.resize_token_embeddings(len(tokenizer))
+    if fmt in ("prompt", "indi_context"):
+        tokenizer.truncation_side = "left"   # drop the oldest history / context, keep the prompt / utterance
     return tokenizer, model
 
 
@@ -106,10 +127,6 @@ class HFTextEncoder(Encoder):
         self.tokenizer, self.model = load_text_model(config.weights, config.revision, config.input_format,
                                                      config.speaker_tokens)
         self.model.to(self.device).eval()
-        if config.input_format == "prompt":
-            self.tokenizer.truncation_side = "left"   # drop the oldest history, keep the prompt
-        elif config.input_format == "indi_context":
-            self.tokenizer.truncation_side = "left"   # with only_second: drop the oldest context
 
     @property
     def dim(self) -> int:
@@ -122,13 +139,7 @@ class HFTextEncoder(Encoder):
                 "weights_hash": weights_hash(path), "model_type": self.model.config.model_type}
 
     def tokenize(self, pairs: list[tuple[str, str | None]]) -> list[dict]:
-        c = self.config
-        trunc = "only_second" if c.input_format == "indi_context" else True
-        encoded = []
-        for text, pair in pairs:
-            kw = {"text_pair": pair} if pair is not None else {}
-            encoded.append(self.tokenizer(text, truncation=trunc, max_length=c.max_length, **kw))
-        return encoded
+        return tokenize_pairs(self.tokenizer, pairs, self.config.input_format, self.config.max_length)
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media=None):
         c = self.config
@@ -151,14 +162,7 @@ class HFTextEncoder(Encoder):
             with autocast_context(self.device, c.autocast):
                 hidden = self.model(**batch).last_hidden_state.float()
             att = batch["attention_mask"]
-            if c.pooling == "cls":
-                vec = hidden[:, 0]
-            elif c.pooling == "mean":
-                vec = (hidden * att[..., None]).sum(1) / att.sum(1, keepdim=True).clamp(min=1)
-            else:
-                pos = (batch["input_ids"] == self.tokenizer.mask_token_id).float().argmax(1)
-                vec = hidden[torch.arange(len(pos)), pos]
-            pooled[batch_rows] = vec.cpu().numpy()
+            pooled[batch_rows] = pool_hidden(hidden, batch, c.pooling, self.tokenizer.mask_token_id).cpu().numpy()
             if c.return_sequence:
                 for k, i in enumerate(batch_rows):
                     seqs[i] = hidden[k, att[k].bool()].cpu().numpy()
