@@ -102,12 +102,12 @@ class MGIF(nn.Module):
         return out
 
     def forward(self, reps: dict[str, torch.Tensor]) -> torch.Tensor:
-        toks = self.tokens(reps)                                  # each [B, L, d]
+        toks = self.tokens(reps)                                  # each [..., d]
         if not self.transformer:
             return torch.cat(toks, dim=-1)
-        B, L, d = toks[0].shape
-        seq = torch.stack([self.cls.expand(B, L, d)] + toks, dim=2).reshape(B * L, len(toks) + 1, d)
-        return self.encoder(seq)[:, 0].reshape(B, L, d)
+        lead, d = toks[0].shape[:-1], toks[0].shape[-1]
+        seq = torch.stack([self.cls.expand(*lead, d)] + toks, dim=-2).reshape(-1, len(toks) + 1, d)
+        return self.encoder(seq)[:, 0].reshape(*lead, d)
 
 
 class Discriminator(nn.Module):
@@ -146,6 +146,8 @@ class DialogueTRM(ERCHead):
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
         reps = {m: self.intra[m](batch.features[m] * batch.valid[m][..., None]) for m in self.modalities}
+        # fusion and discriminator are per utterance: run them on the real turns only, not on padding
+        reps = {m: r[batch.mask] for m, r in reps.items()}
         if len(reps) == 1:
             o = next(iter(reps.values()))            # DialogueTRM-U: no inter-modal fusion
         elif hasattr(self, "mgif"):
@@ -156,4 +158,7 @@ class DialogueTRM(ERCHead):
             o = torch.stack(list(reps.values())).amax(0)
         else:
             o = torch.cat(list(reps.values()), dim=-1)
-        return self.discriminator(o)
+        y = self.discriminator(o)
+        out = y.new_zeros(*batch.mask.shape, y.shape[-1])
+        out[batch.mask] = y
+        return out

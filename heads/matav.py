@@ -113,11 +113,13 @@ class MaTAV(ERCHead):
         self.classifier = nn.Linear(d_model, n_out)                    # eq. 8
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
-        toks = torch.stack([self.inputs[m](batch.features[m] * batch.valid[m][..., None]) for m in self.modalities],
-                           dim=2)                                      # [B, L, n_mod, d]
-        B, L, n, d = toks.shape
-        fused = self.cross_attention(toks.reshape(B * L, n, d)).reshape(B, L, n * d)
-        z = self.fc(self.merge(fused))
+        m = batch.mask   # the per-utterance fusion runs on real turns only; Mamba then sees the padded dialogue
+        toks = torch.stack([self.inputs[k](batch.features[k][m] * batch.valid[k][m][..., None])
+                            for k in self.modalities], dim=1)          # [n_utt, n_mod, d]
+        fused = self.cross_attention(toks).flatten(1)
+        z_real = self.fc(self.merge(fused))
+        z = z_real.new_zeros(*m.shape, z_real.shape[-1])
+        z[m] = z_real
         if self.mamba is not None:
             z = self.mamba(z, batch.mask)
         return self.classifier(self.dropout(z))

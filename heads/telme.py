@@ -152,21 +152,27 @@ class TelME(ERCHead):
     def teacher_logits(self, batch: DialogueBatch) -> torch.Tensor:
         key = f"{self.teacher_name}_logits"
         if key in batch.extra:
-            return batch.extra[key]
-        return self.teacher_head(batch.features[self.teacher_name])
+            return batch.extra[key][batch.mask]
+        return self.teacher_head(batch.features[self.teacher_name][batch.mask])
 
     def encode(self, batch: DialogueBatch):
-        f_t = batch.features[self.teacher_name]
-        students = {m: self.students[m](batch.features[m] * batch.valid[m][..., None]) for m in self.student_names}
+        """Teacher vectors and student (feature, logits) of the real utterances only ([n, ...]): TelME is
+        context-free, so the padding of a dialogue batch is never computed."""
+        m = batch.mask
+        f_t = batch.features[self.teacher_name][m]
+        students = {s: self.students[s](batch.features[s][m] * batch.valid[s][m][..., None])
+                    for s in self.student_names}
         return f_t, students
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
         f_t, students = self.encode(batch)
         self._students = (batch, f_t, students)   # reused by loss() on the same batch: one student pass
-        vecs = [students[m][0].detach() for m in self.student_names]
-        if hasattr(self, "asf"):
-            return self.classifier(self.asf(f_t, vecs))
-        return self.classifier(torch.cat([f_t] + vecs, dim=-1))
+        vecs = [students[s][0].detach() for s in self.student_names]
+        z = self.classifier(self.asf(f_t, vecs)) if hasattr(self, "asf") else \
+            self.classifier(torch.cat([f_t] + vecs, dim=-1))
+        out = z.new_zeros(*batch.mask.shape, z.shape[-1])
+        out[batch.mask] = z
+        return out
 
     def loss(self, batch: DialogueBatch, out: torch.Tensor):
         fusion = self.task_loss(batch, out)
@@ -175,17 +181,18 @@ class TelME(ERCHead):
         self._students = None
         parts = {"fusion": float(fusion.detach())}
         total = fusion
-        keep = batch.mask & (batch.labels != IGNORE) if self.task == "categorical" else batch.mask
+        labels, dims = batch.labels[batch.mask], batch.dims[batch.mask]
+        keep = labels != IGNORE if self.task == "categorical" else torch.ones_like(labels, dtype=torch.bool)
         z_t = self.teacher_logits(batch).detach()
         for m, (f_s, z_s) in students.items():
-            ok = keep & batch.valid[m]
+            ok = keep & batch.valid[m][batch.mask]
             if not ok.any():
                 continue
             if self.task == "categorical":
-                l_cls = F.cross_entropy(z_s[ok], batch.labels[ok])
+                l_cls = F.cross_entropy(z_s[ok], labels[ok])
             else:
-                target_ok = ok[..., None] & torch.isfinite(batch.dims)
-                l_cls = F.mse_loss(z_s[target_ok], batch.dims[target_ok])
+                target_ok = ok[..., None] & torch.isfinite(dims)
+                l_cls = F.mse_loss(z_s[target_ok], dims[target_ok])
             student = l_cls
             if self.use_response and self.task == "categorical" and ok.sum() > 1:
                 student = student + self.alpha * dist_loss(z_s[ok], z_t[ok], self.tau_r)
