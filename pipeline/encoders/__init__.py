@@ -53,6 +53,36 @@ class Encoder(ABC):
         """Features of `rows`: (arrays with `pooled`, `valid` [, `seq`, `seq_lengths`], problems)."""
 
 
+class HFEncoder(Encoder):
+    """An encoder around a transformers model loaded from `config.weights` (hub id, local dir or
+    `package:<module>/<dir>`) at `config.revision`, placed on `config.device` in eval mode."""
+
+    def load_model(self, model_class: str = "AutoModel", processor_class: str | None = None) -> None:
+        import transformers
+
+        path = resolve_weights(self.config.weights)
+        revision = getattr(self.config, "revision", None)
+        if processor_class:
+            self.processor = getattr(transformers, processor_class).from_pretrained(path, revision=revision)
+        self.place(getattr(transformers, model_class).from_pretrained(path, revision=revision))
+
+    def place(self, model) -> None:
+        self.model = model
+        self.device = resolve_device(self.config.device)
+        self.model.to(self.device).eval()
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def provenance(self) -> dict[str, Any]:
+        revision = getattr(self.config, "revision", None)
+        return {**super().provenance(), "weights": self.config.weights,
+                "weights_revision": revision or getattr(self.model.config, "_commit_hash", None),
+                "weights_hash": weights_hash(resolve_weights(self.config.weights)),
+                "model_type": self.model.config.model_type}
+
+
 def build_encoder(name: str, raw: dict[str, Any]) -> Encoder:
     from pipeline.encoders import audio, text, visual  # noqa: F401  (fill the registry)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.encoders import Encoder, masked_problem, register, stack_or_empty
+from pipeline.encoders import Encoder, HFEncoder, masked_problem, register, stack_or_empty
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
 from pipeline.store import MediaStore
@@ -85,7 +85,7 @@ class HFAudioConfig:
 
 
 @register
-class HFAudioEncoder(Encoder):
+class HFAudioEncoder(HFEncoder):
     """Self-supervised speech models via transformers (MaTAV: WavLM; TelME's student input: data2vec-audio).
 
     The utterance's frames are mean-pooled over the model's own frame mask, so padding in a batch never
@@ -97,27 +97,10 @@ class HFAudioEncoder(Encoder):
 
     def __init__(self, name, config: HFAudioConfig):
         super().__init__(name, config)
-        from transformers import AutoFeatureExtractor, AutoModel
-
-        from pipeline.encoders import resolve_device, resolve_weights
-
-        path = resolve_weights(config.weights)
-        self.processor = AutoFeatureExtractor.from_pretrained(path, revision=config.revision)
-        self.model = AutoModel.from_pretrained(path, revision=config.revision)
-        self.device = resolve_device(config.device)
-        self.model.to(self.device).eval()
-
-    @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        self.load_model("AutoModel", "AutoFeatureExtractor")
 
     def provenance(self):
-        from pipeline.encoders import resolve_weights, weights_hash
-
-        return {**super().provenance(), "weights": self.config.weights,
-                "weights_revision": self.config.revision or getattr(self.model.config, "_commit_hash", None),
-                "weights_hash": weights_hash(resolve_weights(self.config.weights)),
-                "model_type": self.model.config.model_type, "sample_rate": int(self.processor.sampling_rate)}
+        return {**super().provenance(), "sample_rate": int(self.processor.sampling_rate)}
 
     def forward(self, waves: list[np.ndarray], sr: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Pooled [B, D] and per-utterance frame sequences of a batch of waveforms."""

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.encoders import (Encoder, autocast_context, batched_with_oom_retry, masked_problem, register,
-                               resolve_device, resolve_weights, weights_hash)
+from pipeline.encoders import (HFEncoder, autocast_context, batched_with_oom_retry, masked_problem, register,
+                               resolve_weights)
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
 
@@ -113,7 +113,7 @@ def load_text_model(weights: str, revision: str | None, fmt: str, n_speakers: in
 
 
 @register
-class HFTextEncoder(Encoder):
+class HFTextEncoder(HFEncoder):
     kind = "hf_text"
     modality = "text"
     needs_media = False
@@ -123,20 +123,9 @@ class HFTextEncoder(Encoder):
         super().__init__(name, config)
         if config.pooling not in POOLINGS or (config.pooling == "mask") != (config.input_format == "prompt"):
             raise ParamsError(f"encoders.{name}: pooling 'mask' goes with input_format 'prompt' (and only it)")
-        self.device = resolve_device(config.device)
-        self.tokenizer, self.model = load_text_model(config.weights, config.revision, config.input_format,
-                                                     config.speaker_tokens)
-        self.model.to(self.device).eval()
-
-    @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    def provenance(self):
-        path = resolve_weights(self.config.weights)
-        return {**super().provenance(), "weights": self.config.weights,
-                "weights_revision": self.config.revision or getattr(self.model.config, "_commit_hash", None),
-                "weights_hash": weights_hash(path), "model_type": self.model.config.model_type}
+        self.tokenizer, model = load_text_model(config.weights, config.revision, config.input_format,
+                                                config.speaker_tokens)
+        self.place(model)
 
     def tokenize(self, pairs: list[tuple[str, str | None]]) -> list[dict]:
         return tokenize_pairs(self.tokenizer, pairs, self.config.input_format, self.config.max_length)

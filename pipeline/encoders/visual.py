@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.encoders import Encoder, masked_problem, register, resolve_device, weights_hash
+from pipeline.encoders import Encoder, HFEncoder, masked_problem, register, resolve_device, weights_hash
 from pipeline.manifest import Manifest
 from pipeline.store import MediaStore
 
@@ -103,7 +103,7 @@ class HFVideoConfig:
 
 
 @register
-class HFVideoEncoder(Encoder):
+class HFVideoEncoder(HFEncoder):
     """Video transformers via transformers (TelME's visual student input: TimeSformer on 8 frames).
 
     The model's `num_frames` frames are taken uniformly from the store's canonical frames and prepared by
@@ -115,28 +115,11 @@ class HFVideoEncoder(Encoder):
 
     def __init__(self, name, config: HFVideoConfig):
         super().__init__(name, config)
-        from transformers import AutoImageProcessor, AutoModel
-
-        from pipeline.encoders import resolve_weights
-
-        path = resolve_weights(config.weights)
-        self.processor = AutoImageProcessor.from_pretrained(path, revision=config.revision)
-        self.model = AutoModel.from_pretrained(path, revision=config.revision)
-        self.device = resolve_device(config.device)
-        self.model.to(self.device).eval()
+        self.load_model("AutoModel", "AutoImageProcessor")
         self.num_frames = int(getattr(self.model.config, "num_frames", 8))
 
-    @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
-
     def provenance(self):
-        from pipeline.encoders import resolve_weights
-
-        return {**super().provenance(), "weights": self.config.weights,
-                "weights_revision": self.config.revision or getattr(self.model.config, "_commit_hash", None),
-                "weights_hash": weights_hash(resolve_weights(self.config.weights)),
-                "model_type": self.model.config.model_type, "frames_used": self.num_frames}
+        return {**super().provenance(), "frames_used": self.num_frames}
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
         from pipeline.encoders import autocast_context, batched_with_oom_retry
@@ -176,7 +159,7 @@ class VisExtNetConfig:
 
 
 @register
-class VisExtNetEncoder(Encoder):
+class VisExtNetEncoder(HFEncoder):
     """VisExtNet-style face features (MaTAV/MultiEMO): detect the face in each frame, crop it, run a CNN on
     every face, average the CNN outputs over the frames that have a face.
 
@@ -190,16 +173,9 @@ class VisExtNetEncoder(Encoder):
 
     def __init__(self, name, config: VisExtNetConfig):
         super().__init__(name, config)
-        from transformers import AutoModelForImageClassification
-
-        from pipeline.encoders import resolve_weights
-
         if config.detector not in ("haar", "full"):
             raise ValueError(f"encoders.{name}.detector: haar | full, not {config.detector!r}")
-        self.model = AutoModelForImageClassification.from_pretrained(resolve_weights(config.weights),
-                                                                     revision=config.revision)
-        self.device = resolve_device(config.device)
-        self.model.to(self.device).eval()
+        self.load_model("AutoModelForImageClassification")
         self.cascade = None
         if config.detector == "haar":
             import cv2
@@ -211,11 +187,7 @@ class VisExtNetEncoder(Encoder):
         return int(self.model.config.num_labels)
 
     def provenance(self):
-        from pipeline.encoders import resolve_weights
-
-        return {**super().provenance(), "weights": self.config.weights,
-                "weights_hash": weights_hash(resolve_weights(self.config.weights)),
-                "model_type": self.model.config.model_type, "face_detector": self.config.detector}
+        return {**super().provenance(), "face_detector": self.config.detector}
 
     def face(self, frame: np.ndarray) -> np.ndarray | None:
         """The largest face of an RGB frame, cropped (None: no face)."""
