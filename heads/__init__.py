@@ -51,4 +51,12 @@ def build_head(name: str, dims: dict[str, int], n_out: int, task: str, options: 
 
     if name not in HEADS:
         raise ValueError(f"unknown head '{name}'; known: {sorted(HEADS)}")
-    return HEADS[name](dims, n_out, task, **options)
+    cls = HEADS[name]
+    options = dict(options)
+    preset = options.pop("paper_defaults", None)
+    if preset is not None:
+        presets = getattr(cls, "PAPER_DEFAULTS", {})
+        if preset not in presets:
+            raise ValueError(f"head '{name}': no paper_defaults '{preset}'; known: {sorted(presets)}")
+        options = {**presets[preset], **options}   # explicit options override the paper's table
+    return cls(dims, n_out, task, **options)

@@ -97,15 +97,13 @@ class ASF(nn.Module):
 
 @register("telme")
 class TelME(ERCHead):
+    PAPER_DEFAULTS = PAPER_DEFAULTS   # options `paper_defaults: meld | iemocap` (explicit options still win)
+
     def __init__(self, dims, n_out, task, teacher: str = "text", alpha: float = 1.0, beta: float = 1.0,
                  tau_response: float = 2.0, tau_feature: float = 1.0, theta: float = 0.1, dropout: float = 0.1,
                  heads: int = 3, response: bool = True, feature: bool = True, fusion: str = "asf",
-                 student_hidden: int | None = None, paper_defaults: str | None = None):
+                 student_hidden: int | None = None):
         super().__init__(dims, n_out, task)
-        if paper_defaults:
-            vals = PAPER_DEFAULTS[paper_defaults]
-            alpha, beta, tau_response, tau_feature, theta, dropout, heads = (
-                vals[k] for k in ("alpha", "beta", "tau_response", "tau_feature", "theta", "dropout", "heads"))
         if teacher not in dims:
             raise ValueError(f"TelME needs the teacher modality '{teacher}' among {list(dims)}")
         if fusion not in ("asf", "concat"):

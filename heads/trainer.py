@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from heads import ERCHead
-from heads.data import IGNORE, CachedDialogues
+from heads.data import CachedDialogues
 from pipeline.encoders import resolve_device
 from pipeline.metrics import classification_metrics, regression_metrics
 from pipeline.params import TrainerParams
@@ -55,8 +55,7 @@ def evaluate(head: ERCHead, data: CachedDialogues, split: str, batch_dialogues: 
     rows, out = predict(head, data, split, batch_dialogues, device)
     if head.task == "categorical":
         y = data.label_ids[rows]
-        keep = y != IGNORE
-        keep &= y >= 0
+        keep = y >= 0   # unlabelled rows (-1) are not scored
         metrics = classification_metrics(y[keep], out[keep].argmax(1), data.labels)
         return metrics, (rows, out.argmax(1))
     metrics = regression_metrics(data.dim_values[rows], out, data.dim_names)

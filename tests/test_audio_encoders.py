@@ -54,3 +54,12 @@ def test_hf_audio_refuses_a_wrong_rate(sample_manifest, sample_media, tmp_path):
     with pytest.raises(ValueError, match="expects 8000 Hz audio, the media store holds 16000 Hz"):
         extract(sample_manifest, build_encoder("a", {"kind": "hf_audio", "weights": weights, "device": "cpu"}),
                 tmp_path / "a.h5", sample_media)
+
+
+def test_hf_audio_prep_in_dataloader_workers(sample_manifest, sample_media, tmp_path):
+    weights = save_tiny_speech_model(tmp_path / "w", "wavlm")
+    cfg = {"kind": "hf_audio", "weights": weights, "device": "cpu", "batch_size": 4}
+    extract(sample_manifest, build_encoder("a", {**cfg, "prep_workers": 0}), tmp_path / "a.h5", sample_media)
+    extract(sample_manifest, build_encoder("a", {**cfg, "prep_workers": 2}), tmp_path / "b.h5", sample_media)
+    with FeatureStore(tmp_path / "a.h5") as a, FeatureStore(tmp_path / "b.h5") as b:
+        np.testing.assert_array_equal(a.pooled(), b.pooled())

@@ -136,6 +136,23 @@ def test_oom_halves_the_batch_instead_of_failing():
     with pytest.raises(torch.OutOfMemoryError):
         batched_with_oom_retry(np.arange(3), 2, never)
 
+    # with a prepare step, the halves of a failed batch are prepared again
+    prepared = []
+
+    def prepare(rows):
+        prepared.append(len(rows))
+        return rows * 10
+
+    out = []
+
+    def run2(rows, x):
+        if len(rows) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        out.extend(x.tolist())
+
+    batched_with_oom_retry(np.arange(6), 4, run2, prepare=prepare)
+    assert sorted(out) == [0, 10, 20, 30, 40, 50] and prepared == [4, 2, 2, 2]
+
 
 def test_compare_2016_functionals(sample_manifest, sample_media, tmp_path):
     few = Manifest(sample_manifest.rows.iloc[:3], sample_manifest.meta)

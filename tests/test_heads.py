@@ -172,6 +172,13 @@ def test_dialoguetrm_ablations_run(tmp_path, fusion):
     assert overfit(head, data.batch(m.dialogues("train")[:3]), steps=200, lr=3e-3) > 0.9
 
 
+def test_telme_paper_defaults_and_explicit_options():
+    head = build_head("telme", {"text": 6, "audio": 4}, 3, "categorical", {"paper_defaults": "iemocap", "theta": 0.5})
+    assert (head.alpha, head.tau_r, head.asf.theta) == (0.1, 4.0, 0.5)   # Table 9 IEMOCAP, theta overridden
+    with pytest.raises(ValueError, match="no paper_defaults 'avec'"):
+        build_head("telme", {"text": 6, "audio": 4}, 3, "categorical", {"paper_defaults": "avec"})
+
+
 @pytest.mark.parametrize("options", [{"response": False, "feature": False, "fusion": "concat"},
                                      {"paper_defaults": "iemocap"}, {"paper_defaults": "meld"}])
 def test_telme_ablations_run(tmp_path, options):

@@ -66,3 +66,12 @@ def test_visextnet_haar_reports_faceless_frames(tiny_resnet, sample_manifest, sa
         assert masked == {u for u, ok in zip(s.utt_ids, s.valid()) if not ok}
         assert all(q["problem"].startswith(("no face found in", "no face in")) for q in summary["problems"])
         assert not s.pooled(sorted(masked)).any()
+
+
+def test_timesformer_prep_in_dataloader_workers(tiny_timesformer, sample_manifest, sample_media, tmp_path):
+    """Frames read and processed in 2 worker processes (each with its own HDF5 handle) give the same store."""
+    cfg = {"kind": "hf_video", "weights": tiny_timesformer, "device": "cpu", "batch_size": 4}
+    extract(sample_manifest, build_encoder("v", {**cfg, "prep_workers": 0}), tmp_path / "a.h5", sample_media)
+    extract(sample_manifest, build_encoder("v", {**cfg, "prep_workers": 2}), tmp_path / "b.h5", sample_media)
+    with FeatureStore(tmp_path / "a.h5") as a, FeatureStore(tmp_path / "b.h5") as b:
+        np.testing.assert_array_equal(a.pooled(), b.pooled())

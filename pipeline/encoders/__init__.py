@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict
 from pathlib import Path
@@ -153,15 +154,9 @@ def extract(manifest: Manifest, encoder: Encoder, out_path: str | Path, media_pa
                 return {"utterances": len(manifest), "chunks_computed": 0, "skipped": "up to date", "problems": []}
     n = len(manifest)
     run = ChunkedRun(out_path, run_fp)
-    has_seq: list[bool] = []
-
-    def compute(s, e):
-        arrays, problems = encoder.encode(manifest.rows.iloc[s:e], manifest, media)
-        has_seq.append("seq" in arrays)
-        return arrays, problems
-
     try:
-        computed, problems = run_chunks(run, n, chunk_size, compute, progress)
+        computed, problems = run_chunks(run, n, chunk_size,
+                                        lambda s, e: encoder.encode(manifest.rows.iloc[s:e], manifest, media), progress)
         first = run.load(0)
         layout = StoreLayout(fixed=["pooled"] + (["logits"] if "logits" in first else []),
                              ragged=["seq"] if "seq" in first else [])
@@ -189,17 +184,62 @@ def autocast_context(device: torch.device, autocast: str):
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype is not None)
 
 
-def batched_with_oom_retry(order: np.ndarray, batch_size: int, run) -> None:
-    """Call `run(rows)` on consecutive batches of `order`; a batch that runs out of GPU memory is split in two
-    and retried (down to single items) instead of failing the extraction."""
-    pending = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    while pending:
-        rows = pending.pop(0)
+class _PreparedBatches(torch.utils.data.Dataset):
+    def __init__(self, batches: list[np.ndarray], prepare):
+        self.batches, self.prepare = batches, prepare
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        return i, self.prepare(self.batches[i])
+
+
+def prep_workers(setting: int, device: torch.device) -> int:
+    """-1 (auto): 2 DataLoader workers on CUDA, none on a CPU (where they would compete with the model)."""
+    return (2 if device.type == "cuda" else 0) if setting < 0 else setting
+
+
+def batched_with_oom_retry(order: np.ndarray, batch_size: int, run, prepare=None, workers: int = 0,
+                           pin_memory: bool = False) -> None:
+    """Run the model over consecutive batches of `order`.
+
+    Without `prepare`: `run(rows)`. With it: `run(rows, prepare(rows))`, where `prepare` (reading and
+    processing inputs) runs in `workers` DataLoader processes ahead of the model, into pinned memory when
+    asked. A batch that runs out of GPU memory is split in two and retried (down to single items) instead of
+    failing the extraction."""
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    call = run if prepare is not None else (lambda rows, _: run(rows))
+    if prepare is None:
+        stream = ((b, None) for b in batches)
+    elif workers > 0:
+        loader = torch.utils.data.DataLoader(_PreparedBatches(batches, prepare), batch_size=None,
+                                             num_workers=workers, pin_memory=pin_memory)
+        stream = ((batches[i], x) for i, x in loader)
+    else:
+        stream = ((b, prepare(b)) for b in batches)
+
+    def attempt(rows, prepared):
         try:
-            run(rows)
+            call(rows, prepared)
         except torch.OutOfMemoryError:
             if len(rows) == 1:
                 raise
             torch.cuda.empty_cache()
             half = len(rows) // 2
-            pending[:0] = [rows[:half], rows[half:]]
+            for part in (rows[:half], rows[half:]):
+                attempt(part, prepare(part) if prepare is not None else None)
+
+    for rows, prepared in stream:
+        attempt(rows, prepared)
+
+
+_WORKER_MEDIA: dict[tuple[int, str], MediaStore] = {}
+
+
+def worker_media(path: str | Path) -> MediaStore:
+    """This process's own handle on a media store (an HDF5 handle must not cross a fork)."""
+    key = (os.getpid(), str(path))
+    if key not in _WORKER_MEDIA:
+        _WORKER_MEDIA[key] = MediaStore(path)
+    return _WORKER_MEDIA[key]

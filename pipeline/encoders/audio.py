@@ -82,6 +82,7 @@ class HFAudioConfig:
     device: str = "auto"
     autocast: str = "bf16"           # CUDA only: bf16 | fp16 | none
     return_sequence: bool = False    # also store the frame sequence (ragged, ~50 frames/s)
+    prep_workers: int = -1           # DataLoader workers for feature extraction (-1: 2 on CUDA, 0 on CPU)
 
 
 @register
@@ -102,29 +103,29 @@ class HFAudioEncoder(HFEncoder):
     def provenance(self):
         return {**super().provenance(), "sample_rate": int(self.processor.sampling_rate)}
 
-    def forward(self, waves: list[np.ndarray], sr: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Pooled [B, D] and per-utterance frame sequences of a batch of waveforms."""
-        import torch
+    def prepare(self, waves: list[np.ndarray], sr: int) -> dict:
+        """The model's processor on a batch of waveforms (normalised, padded, with the attention mask)."""
+        return dict(self.processor(waves, sampling_rate=sr, padding=True, return_attention_mask=True,
+                                   return_tensors="pt"))
 
+    def forward(self, inputs: dict, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Pooled [B, D] and per-utterance frame sequences of a prepared batch."""
         from pipeline.encoders import autocast_context
 
-        inputs = self.processor(waves, sampling_rate=sr, padding=True, return_attention_mask=True,
-                                return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         with autocast_context(self.device, self.config.autocast):
             out = self.model(**inputs, output_hidden_states=self.config.layer != -1)
         hidden = (out.hidden_states[self.config.layer] if self.config.layer != -1 else out.last_hidden_state).float()
         frames = self.model._get_feature_vector_attention_mask(hidden.shape[1], inputs["attention_mask"])
         frames = frames.to(hidden.dtype)
         pooled = (hidden * frames[..., None]).sum(1) / frames.sum(1, keepdim=True).clamp(min=1)
-        seqs = [hidden[i, frames[i].bool()].cpu().numpy() for i in range(len(waves))] \
-            if self.config.return_sequence else []
+        seqs = [hidden[i, frames[i].bool()].cpu().numpy() for i in range(n)] if self.config.return_sequence else []
         return pooled.cpu().numpy(), seqs
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
         import torch
 
-        from pipeline.encoders import batched_with_oom_retry
+        from pipeline.encoders import batched_with_oom_retry, prep_workers
         from pipeline.store import ragged
 
         sr = int(media.attrs["sample_rate"])
@@ -148,8 +149,8 @@ class HFAudioEncoder(HFEncoder):
         pooled = np.zeros((len(ids), self.dim), np.float32)
         seqs = [np.zeros((0, self.dim), np.float32)] * len(ids)
 
-        def run(batch_rows):
-            vec, seq = self.forward([waves[i] for i in batch_rows], sr)
+        def run(batch_rows, inputs):
+            vec, seq = self.forward(inputs, len(batch_rows))
             pooled[batch_rows] = vec
             for k, i in enumerate(batch_rows):
                 if seq:
@@ -157,7 +158,10 @@ class HFAudioEncoder(HFEncoder):
 
         with torch.inference_mode():
             batch_size = self.config.batch_size or (8 if self.device.type == "cuda" else 1)
-            batched_with_oom_retry(np.argsort([len(w) for w in waves], kind="stable"), batch_size, run)
+            batched_with_oom_retry(np.argsort([len(w) for w in waves], kind="stable"), batch_size, run,
+                                   prepare=lambda rows: self.prepare([waves[i] for i in rows], sr),
+                                   workers=prep_workers(self.config.prep_workers, self.device),
+                                   pin_memory=self.device.type == "cuda")
         pooled[~valid] = 0.0
         arrays = {"pooled": pooled, "valid": valid}
         if self.config.return_sequence:

@@ -18,6 +18,15 @@ from pipeline.manifest import Manifest
 from pipeline.store import MediaStore
 
 
+def decoded_video(rows: pd.DataFrame, media: MediaStore) -> tuple[list[str], np.ndarray, list[dict]]:
+    """utt_ids of `rows`, whether decode kept their video, and a problem for each one it masked."""
+    ids = rows["utt_id"].tolist()
+    valid = media.fixed("video_valid", ids).astype(bool)
+    problems = [masked_problem(r, r.get("video", ""), "video masked at decode", "visual")
+                for (_, r), ok in zip(rows.iterrows(), valid) if not ok]
+    return ids, valid, problems
+
+
 class C3D(nn.Module):
     """Four conv3d-BN-ReLU-pool blocks, global average pool, linear projection to `out_dim`."""
 
@@ -71,10 +80,7 @@ class Cnn3dEncoder(Encoder):
                 "weights_hash": weights_hash(c.weights) if c.weights else None}
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
-        ids = rows["utt_id"].tolist()
-        valid = media.fixed("video_valid", ids).astype(bool)
-        problems = [masked_problem(r, r.get("video", ""), "video masked at decode", "visual")
-                    for (_, r), ok in zip(rows.iterrows(), valid) if not ok]
+        ids, valid, problems = decoded_video(rows, media)
         pooled = np.zeros((len(ids), self.dim), np.float32)
         with torch.inference_mode():
             for s in range(0, len(ids), self.config.batch_size):
@@ -100,6 +106,7 @@ class HFVideoConfig:
     batch_size: int = 8
     device: str = "auto"
     autocast: str = "bf16"
+    prep_workers: int = -1        # DataLoader workers reading + processing frames (-1: 2 on CUDA, 0 on CPU)
 
 
 @register
@@ -122,24 +129,29 @@ class HFVideoEncoder(HFEncoder):
         return {**super().provenance(), "frames_used": self.num_frames}
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
-        from pipeline.encoders import autocast_context, batched_with_oom_retry
+        from pipeline.encoders import autocast_context, batched_with_oom_retry, prep_workers, worker_media
 
-        ids = rows["utt_id"].tolist()
-        valid = media.fixed("video_valid", ids).astype(bool)
-        problems = [masked_problem(r, r.get("video", ""), "video masked at decode", "visual")
-                    for (_, r), ok in zip(rows.iterrows(), valid) if not ok]
+        ids, valid, problems = decoded_video(rows, media)
         pooled = np.zeros((len(ids), self.dim), np.float32)
 
-        def run(batch_rows):
-            videos = [list(sample_frames(media.frames(ids[i]), self.num_frames)) for i in batch_rows]
-            inputs = self.processor(videos, return_tensors="pt")
+        path = media.path
+
+        def prepare(batch_rows):   # runs in DataLoader workers: frames from the store, the model's processor
+            store = worker_media(path)
+            videos = [list(sample_frames(store.frames(ids[i]), self.num_frames)) for i in batch_rows]
+            return self.processor(videos, return_tensors="pt")["pixel_values"]
+
+        def run(batch_rows, pixel_values):
             with autocast_context(self.device, self.config.autocast):
-                hidden = self.model(pixel_values=inputs["pixel_values"].to(self.device)).last_hidden_state.float()
+                hidden = self.model(pixel_values=pixel_values.to(self.device, non_blocking=True)).last_hidden_state
+            hidden = hidden.float()
             vec = hidden[:, 0] if self.config.pooling == "cls" else hidden[:, 1:].mean(1)
             pooled[batch_rows] = vec.cpu().numpy()
 
         with torch.inference_mode():
-            batched_with_oom_retry(np.flatnonzero(valid), self.config.batch_size, run)
+            batched_with_oom_retry(np.flatnonzero(valid), self.config.batch_size, run, prepare=prepare,
+                                   workers=prep_workers(self.config.prep_workers, self.device),
+                                   pin_memory=self.device.type == "cuda")
         return {"pooled": pooled, "valid": valid}, problems
 
 
@@ -216,12 +228,10 @@ class VisExtNetEncoder(HFEncoder):
             return self.model(pixel_values=x).logits.float().cpu().numpy()
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
-        ids = rows["utt_id"].tolist()
-        valid = media.fixed("video_valid", ids).astype(bool)
-        faces, owner, problems = [], [], []
+        ids, valid, problems = decoded_video(rows, media)
+        faces, owner = [], []
         for k, ((_, r), ok) in enumerate(zip(rows.iterrows(), valid)):
             if not ok:
-                problems.append(masked_problem(r, r.get("video", ""), "video masked at decode", "visual"))
                 continue
             frames = media.frames(r["utt_id"])
             frames = sample_frames(frames, min(self.config.max_frames, len(frames)))
