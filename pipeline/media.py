@@ -13,7 +13,6 @@ store, `audio_valid` / `video_valid` False, and the problem listed in the stage'
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 

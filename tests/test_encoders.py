@@ -19,9 +19,11 @@ def table1_manifest():
 
 
 def tokens(enc, row):
-    pairs = enc.tokenize(__import__("pipeline.encoders.text", fromlist=["text_inputs"]).text_inputs(
-        enc_manifest := table1_manifest(), np.array([row]), enc.config.input_format, enc.config.context_window,
-        enc.config.speaker_tokens, sep=enc.tokenizer.sep_token, mask=enc.tokenizer.mask_token))
+    from pipeline.encoders.text import text_inputs
+
+    pairs = enc.tokenize(text_inputs(table1_manifest(), np.array([row]), enc.config.input_format,
+                                     enc.config.context_window, enc.config.speaker_tokens,
+                                     sep=enc.tokenizer.sep_token, mask=enc.tokenizer.mask_token))
     return enc.tokenizer.convert_ids_to_tokens(pairs[0]["input_ids"]), pairs[0].get("token_type_ids")
 
 

@@ -1,4 +1,3 @@
-import json
 import wave
 
 import numpy as np

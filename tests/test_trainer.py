@@ -6,7 +6,7 @@ import torch
 from heads import build_head
 from heads.data import IGNORE, CachedDialogues
 from heads.trainer import train_head
-from pipeline.encoders import Encoder, extract, register
+from pipeline.encoders import Encoder, extract
 from pipeline.manifest import Manifest, ManifestMeta
 from pipeline.params import TrainerParams
 
