@@ -132,8 +132,13 @@ class HFTextEncoder(HFEncoder):
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media=None):
         c = self.config
-        pairs = text_inputs(manifest, rows.index.to_numpy(), c.input_format, c.context_window, c.speaker_tokens,
-                            sep=self.tokenizer.sep_token or "</s>", mask=self.tokenizer.mask_token or "<mask>")
+        if getattr(self, "_inputs_of", None) is not manifest:
+            # the context formats need whole dialogues: build every row's input once, not once per chunk
+            self._inputs = text_inputs(manifest, np.arange(len(manifest)), c.input_format, c.context_window,
+                                       c.speaker_tokens, sep=self.tokenizer.sep_token or "</s>",
+                                       mask=self.tokenizer.mask_token or "<mask>")
+            self._inputs_of = manifest
+        pairs = [self._inputs[i] for i in rows.index]
         valid = np.array([bool(str(t).strip()) for t in rows["text"]])
         problems = []
         for (_, r), ok in zip(rows.iterrows(), valid):
