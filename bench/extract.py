@@ -2,16 +2,19 @@
 
 The naive loop is how the papers' public code extracts features: one utterance at a time, fp32, no length
 sorting. The pipeline's path is `pipeline.encoders.extract` (length-sorted batches, inference_mode, bf16
-autocast on CUDA, chunked HDF5 writes). Models are random-init at real size (bert-base, roberta-base,
+autocast on CUDA, chunked HDF5 writes); on the CPU it runs twice, in float32 and with `quantize: int8`
+(dynamic int8 Linear layers), and the int8 features' agreement with the float32 ones is printed as the
+lowest cosine similarity over the utterances. Models are random-init at real size (bert-base, roberta-base,
 wavlm-base-plus, data2vec-audio-base, timesformer-base) or tiny, built from configs: no download.
-Text is real MELD utterances (../shared/data/meld); audio is noise with MELD-like durations (1-8 s).
+Text is the first MELD train utterances, in their dialogues (../shared/data/meld); audio is noise with MELD-like durations (1-8 s).
 
-    python bench/extract.py --size real --n 64            # CPU
-    python bench/extract.py --size real --n 512 --device cuda
+    python bench/extract.py --size real                   # CPU: 480 text, 48 audio/video utterances
+    python bench/extract.py --size real --n 512 --n-text 4096 --device cuda
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -26,6 +29,7 @@ from pipeline.encoders import build_encoder, extract, resolve_weights  # noqa: E
 from pipeline.manifest import Manifest, ManifestMeta  # noqa: E402
 from pipeline.media import decode_dataset  # noqa: E402
 from pipeline.params import DecodeParams  # noqa: E402
+from pipeline.store import FeatureStore, MediaStore  # noqa: E402
 from pipeline.datasets.sample import write_mp4  # noqa: E402
 
 MELD = Path(__file__).resolve().parents[2] / "shared/data/meld/train_sent_emo.csv"
@@ -61,10 +65,24 @@ def build_models(root: Path, size: str) -> dict[str, str]:
     return out
 
 
-def bench_data(root: Path, n: int, frame_size: int) -> tuple[Manifest, Path]:
+def text_manifest(n: int) -> Manifest:
+    """The first `n` MELD train utterances in their dialogues (or made-up sentences without ../shared)."""
     rng = np.random.default_rng(0)
-    texts = pd.read_csv(MELD)["Utterance"].tolist()[:n] if MELD.exists() else \
-        [" ".join(["word"] * int(rng.integers(3, 40))) for _ in range(n)]
+    if MELD.exists():
+        df = pd.read_csv(MELD).head(n)
+        texts, dialogues, turns, speakers = (df["Utterance"].tolist(), df["Dialogue_ID"].tolist(),
+                                             df["Utterance_ID"].tolist(), df["Speaker"].tolist())
+    else:
+        texts = [" ".join(["word"] * int(rng.integers(3, 40))) for _ in range(n)]
+        dialogues, turns, speakers = [i // 10 for i in range(n)], [i % 10 for i in range(n)], ["AB"[i % 2] for i in range(n)]
+    rows = [{"utt_id": f"u{i}", "dataset": "bench", "split": "train", "dialogue_id": f"d{dialogues[i]}",
+             "turn": int(turns[i]), "speaker": speakers[i], "text": texts[i], "label": "x"} for i in range(len(texts))]
+    return Manifest(pd.DataFrame(rows), ManifestMeta("bench", ".", ["x"]))
+
+
+def media_data(root: Path, n: int, frame_size: int) -> tuple[Manifest, Path]:
+    """`n` mp4 clips of noise audio (MELD-like durations, 1-8 s) and random frames, decoded into a media store."""
+    rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
         seconds = float(np.clip(rng.lognormal(1.0, 0.5), 1.0, 8.0))
@@ -72,42 +90,44 @@ def bench_data(root: Path, n: int, frame_size: int) -> tuple[Manifest, Path]:
         write_mp4(root / rel, rng.integers(0, 255, (max(8, int(seconds * 4)), 64, 64, 3), dtype=np.uint8), 4,
                   (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), 16000)
         rows.append({"utt_id": f"u{i}", "dataset": "bench", "split": "train", "dialogue_id": f"d{i // 10}",
-                     "turn": i % 10, "speaker": "AB"[i % 2], "text": texts[i], "label": "x", "video": rel, "audio": rel})
+                     "turn": i % 10, "speaker": "AB"[i % 2], "text": "-", "label": "x", "video": rel, "audio": rel})
     m = Manifest(pd.DataFrame(rows), ManifestMeta("bench", str(root), ["x"]))
     decode_dataset(m, root / "media.h5", DecodeParams(frames=8, size=frame_size, chunk_size=256))
     return m, root / "media.h5"
 
 
-@torch.no_grad()
-def naive(kind: str, weights: str, manifest: Manifest, media_path: Path, device: torch.device) -> None:
-    """One utterance at a time, fp32: the loop of the papers' public extraction scripts."""
+def naive_loop(kind: str, weights: str, manifest: Manifest, media: "MediaStore", device: torch.device):
+    """One utterance at a time, fp32: the loop of the papers' public extraction scripts (model loaded
+    outside the returned loop, as the pipeline's is outside its timing)."""
     from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoModel, AutoTokenizer
-
-    from pipeline.store import MediaStore
 
     model = AutoModel.from_pretrained(weights).to(device).eval()
     if kind == "text":
         tok = AutoTokenizer.from_pretrained(weights)
-        for t in manifest.rows["text"]:
-            model(**tok(t, return_tensors="pt", truncation=True, max_length=256).to(device)).last_hidden_state[:, 0].cpu()
-        return
-    with MediaStore(media_path) as media:
-        if kind == "audio":
-            fe = AutoFeatureExtractor.from_pretrained(weights)
-            for u in manifest.utt_ids:
-                x = fe(media.audio(u), sampling_rate=16000, return_tensors="pt")
-                model(x["input_values"].to(device)).last_hidden_state.mean(1).cpu()
-        else:
-            proc = AutoImageProcessor.from_pretrained(weights)
-            for u in manifest.utt_ids:
-                x = proc(list(media.frames(u)[:model.config.num_frames]), return_tensors="pt")
-                model(pixel_values=x["pixel_values"].to(device)).last_hidden_state[:, 0].cpu()
+        steps = [lambda t=t: model(**tok(t, return_tensors="pt", truncation=True, max_length=256).to(device))
+                 .last_hidden_state[:, 0].cpu() for t in manifest.rows["text"]]
+    elif kind == "audio":
+        fe = AutoFeatureExtractor.from_pretrained(weights)
+        steps = [lambda u=u: model(fe(media.audio(u), sampling_rate=16000, return_tensors="pt")["input_values"]
+                                   .to(device)).last_hidden_state.mean(1).cpu() for u in manifest.utt_ids]
+    else:
+        proc = AutoImageProcessor.from_pretrained(weights)
+        steps = [lambda u=u: model(pixel_values=proc(list(media.frames(u)[:model.config.num_frames]),
+                                                     return_tensors="pt")["pixel_values"].to(device))
+                 .last_hidden_state[:, 0].cpu() for u in manifest.utt_ids]
+
+    @torch.no_grad()
+    def run():
+        for step in steps:
+            step()
+    return run
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "real"], default="tiny")
-    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--n", type=int, default=48, help="audio/video utterances")
+    ap.add_argument("--n-text", type=int, default=480, help="text utterances (real MELD transcripts)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="comma-separated subset of bert,roberta,wavlm,data2vec_audio,timesformer")
     args = ap.parse_args()
@@ -116,27 +136,48 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = build_models(root / "models", args.size)
-        manifest, media = bench_data(root / "data", args.n, 224 if args.size == "real" else 64)
+        only = [s for s in args.only.split(",") if s] or ["bert", "roberta", "wavlm", "data2vec_audio", "timesformer"]
+        texts = text_manifest(args.n_text)
+        av, media = media_data(root / "data", args.n, 224 if args.size == "real" else 64) \
+            if set(only) - {"bert", "roberta"} else (None, None)
         specs = {"bert": ("text", {"kind": "hf_text", "batch_size": 32}),
                  "roberta": ("text", {"kind": "hf_text", "batch_size": 32}),
                  "wavlm": ("audio", {"kind": "hf_audio"}),
                  "data2vec_audio": ("audio", {"kind": "hf_audio"}),
-                 "timesformer": ("visual", {"kind": "hf_video", "batch_size": 8})}
-        only = [s for s in args.only.split(",") if s] or list(specs)
-        print(f"device={device} size={args.size} utterances={args.n} torch={torch.__version__} "
-              f"threads={torch.get_num_threads()}")
-        print(f"{'encoder':16s} {'naive utt/s':>12s} {'pipeline utt/s':>15s} {'speed-up':>9s}")
+                 "timesformer": ("visual", {"kind": "hf_video"})}
+        print(f"device={device} size={args.size} text utterances={len(texts)} audio/video utterances={args.n} "
+              f"torch={torch.__version__} threads={torch.get_num_threads()}")
+        int8 = device.type == "cpu"
+        print(f"{'encoder':16s} {'naive utt/s':>12s} {'pipeline utt/s':>15s} {'speed-up':>9s}"
+              + (f" {'int8 utt/s':>11s} {'speed-up':>9s} {'min cos':>8s}" if int8 else ""))
         for name in only:
             kind, cfg = specs[name]
-            t0 = time.perf_counter()
-            naive(kind, models[name], manifest, media, device)
-            t_naive = time.perf_counter() - t0
-            enc = build_encoder(name, {**cfg, "weights": models[name], "device": args.device})
-            t0 = time.perf_counter()
-            extract(manifest, enc, root / f"{name}.h5", media, chunk_size=256)
-            t_pipe = time.perf_counter() - t0
-            print(f"{name:16s} {args.n / t_naive:12.1f} {args.n / t_pipe:15.1f} {t_naive / t_pipe:8.1f}x", flush=True)
+            manifest = texts if kind == "text" else av
+            n = len(manifest)
+            with (MediaStore(media) if kind != "text" else contextlib.nullcontext()) as store:
+                loop = naive_loop(kind, models[name], manifest, store, device)
+                t0 = time.perf_counter()
+                loop()
+                t_naive = time.perf_counter() - t0
+            t_pipe = timed_extract(manifest, name, {**cfg, "weights": models[name], "device": args.device},
+                                   root / f"{name}.h5", media)
+            line = f"{name:16s} {n / t_naive:12.1f} {n / t_pipe:15.1f} {t_naive / t_pipe:8.1f}x"
+            if int8:
+                t_int8 = timed_extract(manifest, name, {**cfg, "weights": models[name], "device": args.device,
+                                                        "quantize": "int8"}, root / f"{name}-int8.h5", media)
+                with FeatureStore(root / f"{name}.h5") as a, FeatureStore(root / f"{name}-int8.h5") as b:
+                    x, y = a.pooled(), b.pooled()
+                cos = ((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))).min()
+                line += f" {n / t_int8:11.1f} {t_naive / t_int8:8.1f}x {cos:8.4f}"
+            print(line, flush=True)
 
+
+def timed_extract(manifest: Manifest, name: str, cfg: dict, out: Path, media: Path) -> float:
+    """Seconds for the pipeline's path, model loading excluded (the naive loop's is excluded too)."""
+    enc = build_encoder(name, cfg)
+    t0 = time.perf_counter()
+    extract(manifest, enc, out, media, chunk_size=256)
+    return time.perf_counter() - t0
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ Layout of a store (rows follow the manifest's `utt_id` order, stored in the file
 - `utt_id` [N] str; `valid` [N] bool (False: the input was bad and the row is masked, zeros);
 - fixed-size arrays [N, ...] (`pooled`, `logits`, `frames`, ...);
 - ragged arrays as `<name>` (all rows concatenated on axis 0) + `<name>_offsets` [N + 1];
+- `problems`: a JSON list of the per-utterance problems met while building the store;
 - attributes: provenance (encoder, weights id and hash, config hash, code version, rates, dtype, ...).
 """
 from __future__ import annotations
@@ -127,6 +128,8 @@ def assemble(run: ChunkedRun, utt_ids: list[str], n_chunks: int, layout: StoreLa
             row += m
         if row != n:
             raise RuntimeError(f"{final}: chunks hold {row} rows, the manifest {n}")
+        # the per-utterance problems travel with the store, so a later no-op run can still report them
+        f.create_dataset("problems", data=json.dumps([q for i in range(n_chunks) for q in run.notes(i)]), dtype=STR)
         f.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                         for k, v in {**attrs, "code_version": __version__, "rows": n}.items() if v is not None})
     os.replace(tmp, final)
@@ -202,6 +205,10 @@ class H5Store:
     def ragged_row(self, name: str, row: int) -> np.ndarray:
         off = self.file[f"{name}_offsets"]
         return self.file[name][off[row]:off[row + 1]]
+
+    def problems(self) -> list[dict]:
+        """The per-utterance problems recorded when the store was built (masked/trimmed inputs)."""
+        return json.loads(self.file["problems"][()]) if "problems" in self.file else []
 
     def has(self, name: str) -> bool:
         return name in self.file

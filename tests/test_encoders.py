@@ -85,6 +85,8 @@ def test_empty_text_is_masked_or_fails(tiny_bert, tmp_path):
     m = Manifest(df, ManifestMeta(dataset="t", root=".", labels=["a"]))
     summary = extract(m, text_encoder(tiny_bert), tmp_path / "t.h5")
     assert [(q["utt_id"], q["problem"]) for q in summary["problems"]] == [("x4", "empty text")]
+    again = extract(m, text_encoder(tiny_bert), tmp_path / "t.h5")   # up to date: a no-op that still reports
+    assert again["skipped"] == "up to date" and again["problems"] == summary["problems"] and again["masked"] == 1
     with FeatureStore(tmp_path / "t.h5") as s:
         assert s.valid().tolist() == [True] * 3 + [False] + [True] * 4
         assert not s.pooled(["x4"]).any()

@@ -74,6 +74,7 @@ def test_bad_media_is_masked_and_reported(tmp_path):
         assert av == {"good": True, "corrupt": False, "missing": False, "notrack": False, "long": True,
                       "part1": True, "part2": True}
         assert vv["notrack"] and not vv["corrupt"] and not vv["missing"]
+        assert s.problems() == summary["problems"]                    # the store carries its own report
         assert len(s.audio("long")) == 4 * 16000                      # trimmed to max_clip_seconds
         assert len(s.audio("corrupt")) == 0 and not s.frames("corrupt").any()
         # the shared wav is cut by start/end; the single-utterance files are read whole

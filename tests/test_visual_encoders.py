@@ -5,17 +5,20 @@ from pipeline.encoders import build_encoder, extract
 from pipeline.store import FeatureStore, MediaStore
 
 
-@pytest.fixture(scope="module")
-def tiny_timesformer(tmp_path_factory):
+def save_tiny_timesformer(path) -> str:
     import torch
     from transformers import TimesformerConfig, TimesformerModel, VideoMAEImageProcessor
 
-    d = tmp_path_factory.mktemp("timesformer")
     torch.manual_seed(0)
     TimesformerModel(TimesformerConfig(image_size=32, patch_size=16, num_frames=3, hidden_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
-    VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
-    return str(d)
+                                       num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
+    VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_timesformer(tmp_path_factory):
+    return save_tiny_timesformer(tmp_path_factory.mktemp("timesformer"))
 
 
 @pytest.fixture(scope="module")

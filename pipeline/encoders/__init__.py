@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
+import re
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict
 from pathlib import Path
@@ -71,6 +74,9 @@ class HFEncoder(Encoder):
         self.model = model
         self.device = resolve_device(self.config.device)
         self.model.to(self.device).eval()
+        self.compute = compute_precision(self.device, getattr(self.config, "autocast", "none"),
+                                         getattr(self.config, "quantize", "none"), f"encoders.{self.name}")
+        self.int8_layers = quantize_linear_int8(self.model) if self.compute == "int8-dynamic" else []
 
     @property
     def dim(self) -> int:
@@ -81,7 +87,8 @@ class HFEncoder(Encoder):
         return {**super().provenance(), "weights": self.config.weights,
                 "weights_revision": revision or getattr(self.model.config, "_commit_hash", None),
                 "weights_hash": weights_hash(resolve_weights(self.config.weights)),
-                "model_type": self.model.config.model_type}
+                "model_type": self.model.config.model_type, "compute": self.compute,
+                "int8_layers": len(self.int8_layers)}
 
 
 def build_encoder(name: str, raw: dict[str, Any]) -> Encoder:
@@ -113,6 +120,62 @@ def resolve_weights(weights: str) -> str:
             raise FileNotFoundError(f"weights {weights!r}: Python package '{module}' is not installed")
         return str(Path(list(spec.submodule_search_locations)[0]) / sub)
     return weights
+
+
+def compute_precision(device: torch.device, autocast: str, quantize: str, where: str) -> str:
+    """What the model computes in: `autocast` (bf16 | fp16 | none) applies on CUDA, `quantize` (int8 | none)
+    on the CPU; recorded in the store, since it changes the features."""
+    if autocast not in ("bf16", "fp16", "none"):
+        raise ParamsError(f"{where}.autocast: one of bf16, fp16, none, not {autocast!r}")
+    if quantize not in ("int8", "none"):
+        raise ParamsError(f"{where}.quantize: one of int8, none, not {quantize!r}")
+    if device.type == "cuda":
+        return f"{autocast}-autocast" if autocast != "none" else "float32"
+    return "int8-dynamic" if quantize == "int8" and device.type == "cpu" else "float32"   # fbgemm: CPU only
+
+
+_SOURCE: dict[type, str] = {}
+
+
+def _class_source(cls: type) -> str:
+    if cls not in _SOURCE:
+        parts = []
+        for c in cls.__mro__:
+            if c.__module__.startswith("torch.nn") or c is object:
+                continue
+            try:
+                parts.append(inspect.getsource(c))
+            except (OSError, TypeError):
+                parts.append("<no source>")
+        _SOURCE[cls] = "\n".join(parts)
+    return _SOURCE[cls]
+
+
+def quantize_linear_int8(model: torch.nn.Module) -> list[str]:
+    """Swap the model's nn.Linear layers for dynamically quantized int8 ones (weights int8, activations
+    quantized per batch; fbgemm/x86 kernels), in place; returns the swapped layers' names.
+
+    A quantized Linear has no `.weight` tensor, so a layer whose parent (or any ancestor) reads
+    `.<name>.weight` / `.<name>.bias` itself stays float32 — e.g. WavLM's attention, which hands its
+    projections' weights to F.multi_head_attention_forward. A parent without readable source is kept too."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    modules = dict(model.named_modules())
+    chosen = []
+    for name, module in modules.items():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        parts = name.split(".")
+        ancestors = [modules[".".join(parts[:k])] for k in range(len(parts))]
+        touched = any(re.search(rf"\.{re.escape(parts[-1])}\.(weight|bias)\b", _class_source(type(a)))
+                      or "<no source>" in _class_source(type(a)) for a in ancestors)
+        if not touched:
+            chosen.append(name)
+    with warnings.catch_warnings():
+        # torch marks its quantized tensor types as deprecated; they are still the CPU int8 GEMM path
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        quantize_dynamic(model, {n: default_dynamic_qconfig for n in chosen}, inplace=True)
+    return chosen
 
 
 def weights_hash(path: str) -> str | None:
@@ -151,7 +214,7 @@ def extract(manifest: Manifest, encoder: Encoder, out_path: str | Path, media_pa
     if out_path.exists():
         with FeatureStore(out_path) as old:
             if old.attrs.get("fingerprint") == run_fp:
-                return {"utterances": len(manifest), "chunks_computed": 0, "skipped": "up to date", "problems": []}
+                return run_summary(len(manifest), 0, old.problems(), skipped="up to date")
     n = len(manifest)
     run = ChunkedRun(out_path, run_fp)
     try:
@@ -166,8 +229,12 @@ def extract(manifest: Manifest, encoder: Encoder, out_path: str | Path, media_pa
     finally:
         if media is not None:
             media.close()
+    return run_summary(n, computed, problems)
+
+
+def run_summary(n: int, computed: int, problems: list[dict], **extra) -> dict:
     return {"utterances": n, "chunks_computed": computed, "problems": problems,
-            "masked": sum(1 for q in problems if q.get("action", "masked") == "masked")}
+            "masked": sum(1 for q in problems if q.get("action", "masked") == "masked"), **extra}
 
 
 def masked_problem(row, file: str, problem: str, modality: str) -> dict:

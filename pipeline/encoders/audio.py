@@ -81,6 +81,7 @@ class HFAudioConfig:
                                      # than one clip at a time: the conv front end is memory-bound)
     device: str = "auto"
     autocast: str = "bf16"           # CUDA only: bf16 | fp16 | none
+    quantize: str = "none"           # CPU only: int8 (dynamic int8 Linear layers) | none
     return_sequence: bool = False    # also store the frame sequence (ragged, ~50 frames/s)
     prep_workers: int = -1           # DataLoader workers for feature extraction (-1: 2 on CUDA, 0 on CPU)
 

@@ -40,6 +40,7 @@ class HFTextConfig:
     batch_size: int = 32
     device: str = "auto"
     autocast: str = "bf16"              # CUDA only: bf16 | fp16 | none
+    quantize: str = "none"              # CPU only: int8 (dynamic int8 Linear layers) | none
     return_sequence: bool = False       # also store per-token features (ragged)
     on_empty: str = "mask"              # mask | fail: an utterance with empty text
 

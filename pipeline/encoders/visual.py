@@ -103,9 +103,10 @@ class HFVideoConfig:
     weights: str                  # hub id or local dir of a video transformer (TimeSformer, VideoMAE, ViViT)
     revision: str | None = None
     pooling: str = "cls"          # cls | mean (over the patch tokens)
-    batch_size: int = 8
+    batch_size: int = 0           # 0: 8 on CUDA, 1 on CPU (there a batch of clips runs slower than one at a time)
     device: str = "auto"
-    autocast: str = "bf16"
+    autocast: str = "bf16"        # CUDA only: bf16 | fp16 | none
+    quantize: str = "none"        # CPU only: int8 (dynamic int8 Linear layers) | none
     prep_workers: int = -1        # DataLoader workers reading + processing frames (-1: 2 on CUDA, 0 on CPU)
 
 
@@ -149,7 +150,8 @@ class HFVideoEncoder(HFEncoder):
             pooled[batch_rows] = vec.cpu().numpy()
 
         with torch.inference_mode():
-            batched_with_oom_retry(np.flatnonzero(valid), self.config.batch_size, run, prepare=prepare,
+            batch_size = self.config.batch_size or (8 if self.device.type == "cuda" else 1)
+            batched_with_oom_retry(np.flatnonzero(valid), batch_size, run, prepare=prepare,
                                    workers=prep_workers(self.config.prep_workers, self.device),
                                    pin_memory=self.device.type == "cuda")
         return {"pooled": pooled, "valid": valid}, problems
