@@ -6,7 +6,9 @@ autocast on CUDA, chunked HDF5 writes); on the CPU it runs twice, in float32 and
 (dynamic int8 Linear layers), and the int8 features' agreement with the float32 ones is printed as the
 lowest cosine similarity over the utterances. Models are random-init at real size (bert-base, roberta-base,
 wavlm-base-plus, data2vec-audio-base, timesformer-base) or tiny, built from configs: no download.
-Text is the first MELD train utterances, in their dialogues (../shared/data/meld); audio is noise with MELD-like durations (1-8 s).
+openSMILE eGeMAPS (no model) compares one process against the pipeline's worker processes (one per core).
+Text is the first MELD train utterances, in their dialogues (../shared/data/meld); audio is noise with
+MELD-like durations (1-8 s).
 
     python bench/extract.py --size real                   # CPU: 480 text, 48 audio/video utterances
     python bench/extract.py --size real --n 512 --n-text 4096 --device cuda
@@ -101,6 +103,13 @@ def naive_loop(kind: str, weights: str, manifest: Manifest, media: "MediaStore",
     outside the returned loop, as the pipeline's is outside its timing)."""
     from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoModel, AutoTokenizer
 
+    if kind == "opensmile":
+        import opensmile
+
+        smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
+                                feature_level=opensmile.FeatureLevel.Functionals)
+        steps = [lambda u=u: smile.process_signal(media.audio(u), 16000) for u in manifest.utt_ids]
+        return lambda: [step() for step in steps]
     model = AutoModel.from_pretrained(weights).to(device).eval()
     if kind == "text":
         tok = AutoTokenizer.from_pretrained(weights)
@@ -129,14 +138,16 @@ def main():
     ap.add_argument("--n", type=int, default=48, help="audio/video utterances")
     ap.add_argument("--n-text", type=int, default=480, help="text utterances (real MELD transcripts)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", default="", help="comma-separated subset of bert,roberta,wavlm,data2vec_audio,timesformer")
+    ap.add_argument("--only", default="", help="comma-separated subset of bert,roberta,wavlm,data2vec_audio,"
+                                                "timesformer,egemaps")
     args = ap.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = build_models(root / "models", args.size)
-        only = [s for s in args.only.split(",") if s] or ["bert", "roberta", "wavlm", "data2vec_audio", "timesformer"]
+        only = [s for s in args.only.split(",") if s] or ["bert", "roberta", "wavlm", "data2vec_audio", "timesformer",
+                                                          "egemaps"]
         texts = text_manifest(args.n_text)
         av, media = media_data(root / "data", args.n, 224 if args.size == "real" else 64) \
             if set(only) - {"bert", "roberta"} else (None, None)
@@ -144,7 +155,8 @@ def main():
                  "roberta": ("text", {"kind": "hf_text", "batch_size": 32}),
                  "wavlm": ("audio", {"kind": "hf_audio"}),
                  "data2vec_audio": ("audio", {"kind": "hf_audio"}),
-                 "timesformer": ("visual", {"kind": "hf_video"})}
+                 "timesformer": ("visual", {"kind": "hf_video"}),
+                 "egemaps": ("opensmile", {"kind": "opensmile"})}
         print(f"device={device} size={args.size} text utterances={len(texts)} audio/video utterances={args.n} "
               f"torch={torch.__version__} threads={torch.get_num_threads()}")
         int8 = device.type == "cpu"
@@ -155,16 +167,16 @@ def main():
             manifest = texts if kind == "text" else av
             n = len(manifest)
             with (MediaStore(media) if kind != "text" else contextlib.nullcontext()) as store:
-                loop = naive_loop(kind, models[name], manifest, store, device)
+                loop = naive_loop(kind, models.get(name, ""), manifest, store, device)
                 t0 = time.perf_counter()
                 loop()
                 t_naive = time.perf_counter() - t0
-            t_pipe = timed_extract(manifest, name, {**cfg, "weights": models[name], "device": args.device},
-                                   root / f"{name}.h5", media)
+            hf = {"weights": models[name], "device": args.device} if name in models else {}
+            t_pipe = timed_extract(manifest, name, {**cfg, **hf}, root / f"{name}.h5", media)
             line = f"{name:16s} {n / t_naive:12.1f} {n / t_pipe:15.1f} {t_naive / t_pipe:8.1f}x"
-            if int8:
-                t_int8 = timed_extract(manifest, name, {**cfg, "weights": models[name], "device": args.device,
-                                                        "quantize": "int8"}, root / f"{name}-int8.h5", media)
+            if int8 and hf:
+                t_int8 = timed_extract(manifest, name, {**cfg, **hf, "quantize": "int8"}, root / f"{name}-int8.h5",
+                                       media)
                 with FeatureStore(root / f"{name}.h5") as a, FeatureStore(root / f"{name}-int8.h5") as b:
                     x, y = a.pooled(), b.pooled()
                 cos = ((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))).min()

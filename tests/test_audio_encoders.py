@@ -63,3 +63,25 @@ def test_hf_audio_prep_in_dataloader_workers(sample_manifest, sample_media, tmp_
     extract(sample_manifest, build_encoder("a", {**cfg, "prep_workers": 2}), tmp_path / "b.h5", sample_media)
     with FeatureStore(tmp_path / "a.h5") as a, FeatureStore(tmp_path / "b.h5") as b:
         np.testing.assert_array_equal(a.pooled(), b.pooled())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_opensmile_masks_bad_and_short_audio(workers, tmp_path):
+    from pipeline.media import decode_dataset
+    from pipeline.params import DecodeParams
+    from tests.test_media import bad_media_manifest
+
+    m = bad_media_manifest(tmp_path)
+    decode_dataset(m, tmp_path / "media.h5", DecodeParams(frames=2, size=16, max_clip_seconds=4.0))
+    enc = build_encoder("s", {"kind": "opensmile", "min_seconds": 1.5, "workers": workers})
+    summary = extract(m, enc, tmp_path / "s.h5", tmp_path / "media.h5", chunk_size=3)
+    assert {q["utt_id"]: q["problem"] for q in summary["problems"]} == {
+        "corrupt": "audio masked at decode", "missing": "audio masked at decode", "notrack": "audio masked at decode",
+        "part1": "audio shorter than 1.5 s", "part2": "audio shorter than 1.5 s"}
+    assert all(q["action"] == "masked" and q["modality"] == "audio" for q in summary["problems"])
+    with FeatureStore(tmp_path / "s.h5") as s:
+        valid = dict(zip(s.utt_ids, s.valid()))
+        assert [u for u, ok in valid.items() if ok] == ["good", "long"]
+        x = dict(zip(s.utt_ids, s.pooled()))
+        assert not x["part1"].any() and not x["corrupt"].any() and x["good"].any()
+        assert not np.allclose(x["good"], x["long"])

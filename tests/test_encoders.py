@@ -107,7 +107,9 @@ def test_opensmile_and_c3d_stores(sample_manifest, sample_media, tmp_path):
             if name == "c3d":
                 assert s.attrs["weights"] == "random-init(seed=0)"
         again = tmp_path / f"{name}_again.h5"
-        extract(sample_manifest, build_encoder(name, cfg), again, sample_media, chunk_size=100)
+        # openSMILE: in this process now (the first run used one worker process per core)
+        extract(sample_manifest, build_encoder(name, {**cfg, "workers": 0} if name == "egemaps" else cfg), again,
+                sample_media, chunk_size=100)
         with FeatureStore(out) as a, FeatureStore(again) as b:
             np.testing.assert_allclose(a.pooled(), b.pooled(), rtol=1e-4, atol=1e-4)  # deterministic
 

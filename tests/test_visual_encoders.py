@@ -78,3 +78,29 @@ def test_timesformer_prep_in_dataloader_workers(tiny_timesformer, sample_manifes
     extract(sample_manifest, build_encoder("v", {**cfg, "prep_workers": 2}), tmp_path / "b.h5", sample_media)
     with FeatureStore(tmp_path / "a.h5") as a, FeatureStore(tmp_path / "b.h5") as b:
         np.testing.assert_array_equal(a.pooled(), b.pooled())
+
+
+def test_cnn3d_loads_a_state_dict_and_runs_it_on_the_stored_frames(sample_manifest, sample_media, tmp_path):
+    import torch
+
+    from pipeline.encoders import weights_hash
+    from pipeline.encoders.visual import C3D
+
+    torch.manual_seed(123)
+    net = C3D(width=4, out_dim=8).eval()
+    torch.save(net.state_dict(), tmp_path / "c3d.pt")
+    cfg = {"kind": "cnn3d", "weights": str(tmp_path / "c3d.pt"), "width": 4, "out_dim": 8, "frames": 4,
+           "device": "cpu", "batch_size": 5}
+    extract(sample_manifest, build_encoder("v", cfg), tmp_path / "a.h5", sample_media)
+    with FeatureStore(tmp_path / "a.h5") as a, MediaStore(sample_media) as media:
+        assert a.attrs["weights"] == str(tmp_path / "c3d.pt")
+        assert a.attrs["weights_hash"] == weights_hash(str(tmp_path / "c3d.pt")) and a.attrs["frames_used"] == 4
+        u = a.utt_ids[2]
+        clip = torch.from_numpy(media.frames(u)).permute(3, 0, 1, 2)[None].float() / 255.0   # the store holds 4
+        with torch.no_grad():
+            np.testing.assert_allclose(a.pooled([u])[0], net(clip)[0].numpy(), atol=1e-5)
+    extract(sample_manifest, build_encoder("v", {**cfg, "frames": 16}), tmp_path / "b.h5", sample_media)
+    with FeatureStore(tmp_path / "a.h5") as a, FeatureStore(tmp_path / "b.h5") as b:
+        assert b.pooled().shape == a.pooled().shape and not np.allclose(a.pooled(), b.pooled())
+    with pytest.raises(ValueError, match="c3d.pt is not a state_dict of C3D"):
+        build_encoder("v", {**cfg, "width": 8})

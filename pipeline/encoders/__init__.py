@@ -241,10 +241,6 @@ def masked_problem(row, file: str, problem: str, modality: str) -> dict:
     return {"utt_id": row["utt_id"], "file": file, "problem": problem, "modality": modality, "action": "masked"}
 
 
-def stack_or_empty(vectors: list[np.ndarray], dim: int) -> np.ndarray:
-    return np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
-
-
 def autocast_context(device: torch.device, autocast: str):
     """bf16/fp16 autocast on CUDA; a no-op elsewhere."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)

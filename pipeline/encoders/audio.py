@@ -4,12 +4,14 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from pipeline.encoders import Encoder, HFEncoder, masked_problem, register, stack_or_empty
+from pipeline.encoders import (Encoder, HFEncoder, autocast_context, batched_with_oom_retry, masked_problem,
+                               prep_workers, register, worker_media)
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
 from pipeline.store import MediaStore
@@ -21,10 +23,28 @@ OPENSMILE_SETS = {"eGeMAPSv02": 88, "ComParE_2016": 6373}
 class OpenSmileConfig:
     feature_set: str = "eGeMAPSv02"
     min_seconds: float = 0.1      # shorter audio is masked: functionals of a few frames are noise
+    workers: int = -1             # processes running openSMILE side by side, 8 utterances per task
+                                  # (-1: one per available CPU core, at most 8; 0: in this process)
+
+
+_SMILES: dict[tuple[int, str], object] = {}
+
+
+def process_smile(feature_set: str):
+    """This process's openSMILE extractor (each DataLoader worker builds its own)."""
+    import opensmile
+
+    key = (os.getpid(), feature_set)
+    if key not in _SMILES:
+        _SMILES[key] = opensmile.Smile(feature_set=getattr(opensmile.FeatureSet, feature_set),
+                                       feature_level=opensmile.FeatureLevel.Functionals)
+    return _SMILES[key]
 
 
 @register
 class OpenSmileEncoder(Encoder):
+    """openSMILE functionals per utterance. openSMILE runs one signal per call on one core, so utterances
+    are spread over worker processes, each with its own extractor and media store handle."""
     kind = "opensmile"
     modality = "audio"
     needs_media = True
@@ -34,10 +54,7 @@ class OpenSmileEncoder(Encoder):
         super().__init__(name, config)
         if config.feature_set not in OPENSMILE_SETS:
             raise ParamsError(f"encoders.{name}.feature_set: one of {sorted(OPENSMILE_SETS)}")
-        import opensmile
-
-        self.smile = opensmile.Smile(feature_set=getattr(opensmile.FeatureSet, config.feature_set),
-                                     feature_level=opensmile.FeatureLevel.Functionals)
+        process_smile(config.feature_set)   # fails here, not in a worker, if openSMILE is missing
 
     @property
     def dim(self) -> int:
@@ -49,25 +66,42 @@ class OpenSmileEncoder(Encoder):
         return {**super().provenance(), "weights": f"opensmile {opensmile.__version__} {self.config.feature_set}",
                 "weights_hash": None}
 
-    def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
-        sr = int(media.attrs["sample_rate"])
-        audio_valid = media.fixed("audio_valid", rows["utt_id"])
-        vectors, valid, problems = [], [], []
-        for (_, r), ok in zip(rows.iterrows(), audio_valid):
-            x = media.audio(r["utt_id"]) if ok else np.zeros(0, np.float32)
+    def functionals(self, path: str, utt_ids: list[str], audio_ok: np.ndarray, sr: int) -> list[tuple]:
+        """(features, problem or None) per utterance; runs in a worker process."""
+        media, smile = worker_media(path), process_smile(self.config.feature_set)
+        out = []
+        for u, ok in zip(utt_ids, audio_ok):
+            x = media.audio(u) if ok else np.zeros(0, np.float32)
             reason = None if ok else "audio masked at decode"
             if ok and len(x) < self.config.min_seconds * sr:
                 reason = f"audio shorter than {self.config.min_seconds} s"
             feats = np.zeros(self.dim, np.float32)
             if reason is None:
-                feats = self.smile.process_signal(x, sr).to_numpy().reshape(-1).astype(np.float32)
+                feats = smile.process_signal(x, sr).to_numpy().reshape(-1).astype(np.float32)
                 if not np.isfinite(feats).all():
                     reason, feats = "non-finite openSMILE features", np.zeros(self.dim, np.float32)
-            if reason is not None:
-                problems.append(masked_problem(r, r.get("audio", ""), reason, "audio"))
-            vectors.append(feats)
-            valid.append(reason is None)
-        return {"pooled": stack_or_empty(vectors, self.dim), "valid": np.array(valid, bool)}, problems
+            out.append((feats, reason))
+        return out
+
+    def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
+        sr = int(media.attrs["sample_rate"])
+        ids = rows["utt_id"].tolist()
+        audio_ok = media.fixed("audio_valid", ids).astype(bool)
+        pooled = np.zeros((len(ids), self.dim), np.float32)
+        reasons: list[str | None] = [None] * len(ids)
+
+        def run(batch_rows, results):
+            for i, (feats, reason) in zip(batch_rows, results):
+                pooled[i], reasons[i] = feats, reason
+
+        workers = self.config.workers if self.config.workers >= 0 else min(len(os.sched_getaffinity(0)), 8)
+        path = media.path
+        batched_with_oom_retry(np.arange(len(ids)), 8, run,
+                               prepare=lambda b: self.functionals(path, [ids[i] for i in b], audio_ok[b], sr),
+                               workers=min(workers, -(-len(ids) // 8)))
+        problems = [masked_problem(r, r.get("audio", ""), reason, "audio")
+                    for (_, r), reason in zip(rows.iterrows(), reasons) if reason is not None]
+        return {"pooled": pooled, "valid": np.array([r is None for r in reasons], bool)}, problems
 
 
 @dataclass
@@ -111,8 +145,6 @@ class HFAudioEncoder(HFEncoder):
 
     def forward(self, inputs: dict, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Pooled [B, D] and per-utterance frame sequences of a prepared batch."""
-        from pipeline.encoders import autocast_context
-
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         with autocast_context(self.device, self.config.autocast):
             out = self.model(**inputs, output_hidden_states=self.config.layer != -1)
@@ -126,7 +158,6 @@ class HFAudioEncoder(HFEncoder):
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
         import torch
 
-        from pipeline.encoders import batched_with_oom_retry, prep_workers
         from pipeline.store import ragged
 
         sr = int(media.attrs["sample_rate"])

@@ -1,11 +1,12 @@
 """Visual encoders over the media store's canonical frames.
 
-- `cnn3d`: a C3D-style 3D-CNN on the utterance's frame clip (DialogueTRM's visual input comes from a
-  3D-CNN). Weights from a `state_dict` file; without one it is a seeded random-init network, and the store
+- `cnn3d`: a C3D-style 3D-CNN on a clip of `frames` frames taken uniformly from the utterance's stored
+  frames (DialogueTRM's visual input comes from a 3D-CNN on 16-frame clips). Weights from a `state_dict` file; without one it is a seeded random-init network, and the store
   says so (`weights: random-init(seed=...)`) — enough to carry colour and motion cues, not a trained model.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch import nn
 
 from pipeline.encoders import Encoder, HFEncoder, masked_problem, register, resolve_device, weights_hash
 from pipeline.manifest import Manifest
+from pipeline.params import ParamsError
 from pipeline.store import MediaStore
 
 
@@ -50,6 +52,7 @@ class Cnn3dConfig:
     seed: int = 0
     width: int = 32
     out_dim: int = 128
+    frames: int = 16             # clip length, uniform over the store's frames (repeating when it holds fewer)
     batch_size: int = 16
     device: str = "auto"
 
@@ -66,7 +69,11 @@ class Cnn3dEncoder(Encoder):
         torch.manual_seed(config.seed)
         self.net = C3D(config.width, config.out_dim)
         if config.weights:
-            self.net.load_state_dict(torch.load(config.weights, map_location="cpu", weights_only=True))
+            try:
+                self.net.load_state_dict(torch.load(config.weights, map_location="cpu", weights_only=True))
+            except (RuntimeError, OSError, pickle.UnpicklingError) as e:
+                raise ParamsError(f"encoders.{name}.weights: {config.weights} is not a state_dict of "
+                                  f"C3D(width={config.width}, out_dim={config.out_dim}): {e}") from e
         self.device = resolve_device(config.device)
         self.net.to(self.device).eval()
 
@@ -77,14 +84,15 @@ class Cnn3dEncoder(Encoder):
     def provenance(self):
         c = self.config
         return {**super().provenance(), "weights": c.weights or f"random-init(seed={c.seed})",
-                "weights_hash": weights_hash(c.weights) if c.weights else None}
+                "weights_hash": weights_hash(c.weights) if c.weights else None, "frames_used": c.frames}
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
         ids, valid, problems = decoded_video(rows, media)
         pooled = np.zeros((len(ids), self.dim), np.float32)
         with torch.inference_mode():
             for s in range(0, len(ids), self.config.batch_size):
-                frames = np.stack([media.frames(u) for u in ids[s:s + self.config.batch_size]])  # [B,F,H,W,3]
+                frames = np.stack([sample_frames(media.frames(u), self.config.frames)
+                                   for u in ids[s:s + self.config.batch_size]])  # [B, F, H, W, 3]
                 clip = torch.from_numpy(frames).to(self.device).permute(0, 4, 1, 2, 3).float() / 255.0
                 pooled[s:s + len(frames)] = self.net(clip).float().cpu().numpy()
         pooled[~valid] = 0.0
