@@ -85,3 +85,29 @@ def test_opensmile_masks_bad_and_short_audio(workers, tmp_path):
         x = dict(zip(s.utt_ids, s.pooled()))
         assert not x["part1"].any() and not x["corrupt"].any() and x["good"].any()
         assert not np.allclose(x["good"], x["long"])
+
+
+def test_silent_audio_is_masked_by_both_audio_encoders(tmp_path):
+    import pandas as pd
+
+    from pipeline.datasets.sample import write_mp4
+    from pipeline.manifest import Manifest, ManifestMeta
+    from pipeline.media import decode_dataset
+    from pipeline.params import DecodeParams
+
+    frames = np.full((12, 32, 32, 3), 90, np.uint8)
+    t = np.arange(16000) / 16000
+    clips = {"tone": (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), "silent": np.zeros(16000, np.float32),
+             "quiet": (0.003 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)}   # -53 dBFS: kept
+    for u, x in clips.items():
+        write_mp4(tmp_path / f"{u}.mp4", frames, 12, x, 16000)
+    df = pd.DataFrame([{"utt_id": u, "dataset": "t", "split": "train", "dialogue_id": "d", "turn": i, "speaker": "A",
+                        "text": "x", "label": "a", "video": f"{u}.mp4", "audio": f"{u}.mp4"} for i, u in enumerate(clips)])
+    m = Manifest(df, ManifestMeta(dataset="t", root=str(tmp_path), labels=["a"]))
+    decode_dataset(m, tmp_path / "media.h5", DecodeParams(frames=2, size=16))
+    weights = save_tiny_speech_model(tmp_path / "wavlm", "wavlm")
+    for cfg in ({"kind": "opensmile", "workers": 0}, {"kind": "hf_audio", "weights": weights, "device": "cpu"}):
+        summary = extract(m, build_encoder("a", cfg), tmp_path / f"{cfg['kind']}.h5", tmp_path / "media.h5")
+        assert [(q["utt_id"], q["problem"].split(" (")[0]) for q in summary["problems"]] == [("silent", "silent audio")]
+        with FeatureStore(tmp_path / f"{cfg['kind']}.h5") as s:
+            assert s.valid().tolist() == [True, False, True] and not s.pooled(["silent"]).any()

@@ -23,8 +23,20 @@ OPENSMILE_SETS = {"eGeMAPSv02": 88, "ComParE_2016": 6373}
 class OpenSmileConfig:
     feature_set: str = "eGeMAPSv02"
     min_seconds: float = 0.1      # shorter audio is masked: functionals of a few frames are noise
+    silence_dbfs: float = -60.0   # audio whose RMS level is below this is masked as silent
     workers: int = -1             # processes running openSMILE side by side, 8 utterances per task
                                   # (-1: one per available CPU core, at most 8; 0: in this process)
+
+
+def unusable_audio(x: np.ndarray, sr: int, min_seconds: float, silence_dbfs: float) -> str | None:
+    """Why a waveform gives no meaningful features (too short, silent), or None."""
+    if len(x) < min_seconds * sr:
+        return f"audio shorter than {min_seconds} s"
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    level = 20 * np.log10(rms) if rms > 0 else -np.inf
+    if level < silence_dbfs:
+        return f"silent audio ({level:.0f} dBFS < {silence_dbfs:g} dBFS)"
+    return None
 
 
 _SMILES: dict[tuple[int, str], object] = {}
@@ -73,8 +85,8 @@ class OpenSmileEncoder(Encoder):
         for u, ok in zip(utt_ids, audio_ok):
             x = media.audio(u) if ok else np.zeros(0, np.float32)
             reason = None if ok else "audio masked at decode"
-            if ok and len(x) < self.config.min_seconds * sr:
-                reason = f"audio shorter than {self.config.min_seconds} s"
+            if ok:
+                reason = unusable_audio(x, sr, self.config.min_seconds, self.config.silence_dbfs)
             feats = np.zeros(self.dim, np.float32)
             if reason is None:
                 feats = smile.process_signal(x, sr).to_numpy().reshape(-1).astype(np.float32)
@@ -111,6 +123,7 @@ class HFAudioConfig:
     layer: int = -1                  # which hidden layer to pool (-1: the last)
     max_seconds: float = 20.0        # longer audio is cut (memory grows with length)
     min_seconds: float = 0.1
+    silence_dbfs: float = -60.0      # audio whose RMS level is below this is masked as silent
     batch_size: int = 0              # 0: 8 on CUDA, 1 on CPU (there padded batches of long audio run slower
                                      # than one clip at a time: the conv front end is memory-bound)
     device: str = "auto"
@@ -171,9 +184,8 @@ class HFAudioEncoder(HFEncoder):
             x = media.audio(r["utt_id"])[: int(self.config.max_seconds * sr)] if good else np.zeros(0, np.float32)
             if not good:
                 problems.append(masked_problem(r, r.get("audio", ""), "audio masked at decode", "audio"))
-            elif len(x) < self.config.min_seconds * sr:
-                problems.append(masked_problem(r, r.get("audio", ""), f"audio shorter than {self.config.min_seconds} s",
-                                               "audio"))
+            elif reason := unusable_audio(x, sr, self.config.min_seconds, self.config.silence_dbfs):
+                problems.append(masked_problem(r, r.get("audio", ""), reason, "audio"))
                 good = False
             waves.append(x if good else np.zeros(int(self.config.min_seconds * sr), np.float32))
             valid.append(bool(good))
