@@ -8,7 +8,7 @@ import torch
 
 from heads import build_head
 from heads.data import CachedDialogues
-from heads.trainer import train_head
+from heads.trainer import seed_everything, train_head
 from pipeline.manifest import Manifest
 from pipeline.metrics import plot_confusion
 from pipeline.params import ParamsError, load_params
@@ -35,8 +35,10 @@ def main(argv=None):
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
     data = CachedDialogues(manifest, feature_stores(params, args.dataset, args.head))
     n_out = len(manifest.meta.labels) if hp.task == "categorical" else len(manifest.meta.dimensions)
+    trainer = params.trainer_for(args.head)
+    seed_everything(trainer.seed)   # the head's initial weights come from the seed too, not only the batches
     head = build_head(hp.head, {m: data.dim(m) for m in hp.modalities}, n_out, hp.task, hp.options)
-    result = train_head(head, data, params.trainer_for(args.head))
+    result = train_head(head, data, trainer)
 
     model_path = Path(f"models/{args.dataset}/{args.head}.pt")
     model_path.parent.mkdir(parents=True, exist_ok=True)

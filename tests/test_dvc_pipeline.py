@@ -110,3 +110,16 @@ def test_share_stores_through_a_remote(project, tmp_path):
     log = dvc(clone, "repro")
     assert "Running stage" not in log, log
     assert "didn't change, skipping" in log
+
+
+def test_training_again_gives_the_same_model(project):
+    """`trainer.seed` fixes the head's initial weights as well as the batch order (last: it re-runs stages)."""
+    root, _ = project
+    out = root / "results/sample/text_mlp"
+    before = json.loads((out / "metrics.json").read_text())
+    predictions = (out / "predictions.csv").read_text()
+    dvc(root, "repro", "-f", "-s", "train@sample-text_mlp")
+    after = json.loads((out / "metrics.json").read_text())
+    before.pop("seconds_per_epoch"), after.pop("seconds_per_epoch")
+    assert after == before
+    assert (out / "predictions.csv").read_text() == predictions

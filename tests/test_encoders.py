@@ -55,6 +55,16 @@ def test_prompt_format_speaker_tokens_and_mask(tiny_bert):
     assert toks[0] == "[CLS]" and toks[-5:] == ["now", "<s2>", "feels", "[MASK]", "[SEP]"] and len(toks) == 9
 
 
+def test_prompt_speaker_token_embeddings_are_the_same_on_every_load(tiny_bert):
+    import torch
+
+    from pipeline.encoders.text import load_text_model
+
+    rows = [load_text_model(tiny_bert, None, "prompt", 4)[1].get_input_embeddings().weight[-4:] for _ in range(2)]
+    torch.testing.assert_close(rows[0], rows[1], rtol=0, atol=0)
+    assert rows[0].std() > 0
+
+
 def test_mask_pooling_only_with_prompt(tiny_bert):
     with pytest.raises(ValueError, match="pooling 'mask'"):
         text_encoder(tiny_bert, input_format="utterance", pooling="mask")

@@ -107,7 +107,11 @@ def load_text_model(weights: str, revision: str | None, fmt: str, n_speakers: in
             raise ParamsError(f"{weights}: the prompt format needs a tokenizer with a mask token")
         tokens = [f"<s{k}>" for k in range(1, n_speakers + 1)]
         if tokenizer.add_special_tokens({"additional_special_tokens": tokens}):
-            model.resize_token_embeddings(len(tokenizer))
+            # the new rows are drawn at random around the old embeddings' mean: a fixed draw keeps frozen
+            # prompt features (and a fine-tune's start) the same on every run, without touching the global RNG
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model.resize_token_embeddings(len(tokenizer))
     if fmt in ("prompt", "indi_context"):
         tokenizer.truncation_side = "left"   # drop the oldest history / context, keep the prompt / utterance
     return tokenizer, model
