@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meld_csvs import MELD, meld_manifest  # noqa: E402
 from heads import build_head  # noqa: E402
 from heads.data import CachedDialogues  # noqa: E402
-from heads.trainer import train_head  # noqa: E402
+from heads.trainer import seed_everything, train_head  # noqa: E402
 from pipeline.encoders import build_encoder, extract  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
 from pipeline.params import TrainerParams  # noqa: E402
@@ -55,6 +55,7 @@ def main():
         lr = LogisticRegression(max_iter=2000, C=1.0).fit(data.features["text"][train], y[train])
         lr_dev = classification_metrics(y[dev], lr.predict(data.features["text"][dev]), manifest.meta.labels)
         t_lr = time.perf_counter() - t0
+        seed_everything(0)
         head = build_head("dialoguetrm", {"text": data.dim("text")}, len(manifest.meta.labels), "categorical",
                           {"d_model": 256, "intra_layers": 2, "intra_heads": 4, "window": 14, "dropout": 0.2})
         t0 = time.perf_counter()
