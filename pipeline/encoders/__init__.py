@@ -258,6 +258,12 @@ class _PreparedBatches(torch.utils.data.Dataset):
         return i, self.prepare(self.batches[i])
 
 
+def clip_batch_size(setting: int, device: torch.device) -> int:
+    """0 (auto): 8 audio/video clips per batch on CUDA, 1 on a CPU, where one clip already keeps every core
+    busy and padded batches run slower than single clips."""
+    return setting or (8 if device.type == "cuda" else 1)
+
+
 def prep_workers(setting: int, device: torch.device) -> int:
     """-1 (auto): 2 DataLoader workers on CUDA, none on a CPU (where they would compete with the model)."""
     return (2 if device.type == "cuda" else 0) if setting < 0 else setting

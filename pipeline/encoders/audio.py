@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.encoders import (Encoder, HFEncoder, autocast_context, batched_with_oom_retry, masked_problem,
-                               prep_workers, register, worker_media)
+from pipeline.encoders import (Encoder, HFEncoder, autocast_context, batched_with_oom_retry, clip_batch_size,
+                               masked_problem, prep_workers, register, worker_media)
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
 from pipeline.store import MediaStore
@@ -124,8 +124,7 @@ class HFAudioConfig:
     max_seconds: float = 20.0        # longer audio is cut (memory grows with length)
     min_seconds: float = 0.1
     silence_dbfs: float = -60.0      # audio whose RMS level is below this is masked as silent
-    batch_size: int = 0              # 0: 8 on CUDA, 1 on CPU (there padded batches of long audio run slower
-                                     # than one clip at a time: the conv front end is memory-bound)
+    batch_size: int = 0              # 0: 8 on CUDA, 1 on a CPU (see clip_batch_size)
     device: str = "auto"
     autocast: str = "bf16"           # CUDA only: bf16 | fp16 | none
     quantize: str = "none"           # CPU only: int8 (dynamic int8 Linear layers) | none
@@ -201,8 +200,8 @@ class HFAudioEncoder(HFEncoder):
                     seqs[i] = seq[k]
 
         with torch.inference_mode():
-            batch_size = self.config.batch_size or (8 if self.device.type == "cuda" else 1)
-            batched_with_oom_retry(np.argsort([len(w) for w in waves], kind="stable"), batch_size, run,
+            batched_with_oom_retry(np.argsort([len(w) for w in waves], kind="stable"),
+                                   clip_batch_size(self.config.batch_size, self.device), run,
                                    prepare=lambda rows: self.prepare([waves[i] for i in rows], sr),
                                    workers=prep_workers(self.config.prep_workers, self.device),
                                    pin_memory=self.device.type == "cuda")

@@ -1,8 +1,9 @@
 """Visual encoders over the media store's canonical frames.
 
 - `cnn3d`: a C3D-style 3D-CNN on a clip of `frames` frames taken uniformly from the utterance's stored
-  frames (DialogueTRM's visual input comes from a 3D-CNN on 16-frame clips). Weights from a `state_dict` file; without one it is a seeded random-init network, and the store
-  says so (`weights: random-init(seed=...)`) — enough to carry colour and motion cues, not a trained model.
+  frames (DialogueTRM's visual input comes from a 3D-CNN on 16-frame clips). Weights from a `state_dict`
+  file; without one it is a seeded random-init network, and the store says so
+  (`weights: random-init(seed=...)`) — enough to carry colour and motion cues, not a trained model.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ class HFVideoConfig:
     weights: str                  # hub id or local dir of a video transformer (TimeSformer, VideoMAE, ViViT)
     revision: str | None = None
     pooling: str = "cls"          # cls | mean (over the patch tokens)
-    batch_size: int = 0           # 0: 8 on CUDA, 1 on CPU (there a batch of clips runs slower than one at a time)
+    batch_size: int = 0           # 0: 8 on CUDA, 1 on a CPU (see clip_batch_size)
     device: str = "auto"
     autocast: str = "bf16"        # CUDA only: bf16 | fp16 | none
     quantize: str = "none"        # CPU only: int8 (dynamic int8 Linear layers) | none
@@ -138,7 +139,8 @@ class HFVideoEncoder(HFEncoder):
         return {**super().provenance(), "frames_used": self.num_frames}
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
-        from pipeline.encoders import autocast_context, batched_with_oom_retry, prep_workers, worker_media
+        from pipeline.encoders import (autocast_context, batched_with_oom_retry, clip_batch_size, prep_workers,
+                                       worker_media)
 
         ids, valid, problems = decoded_video(rows, media)
         pooled = np.zeros((len(ids), self.dim), np.float32)
@@ -158,8 +160,8 @@ class HFVideoEncoder(HFEncoder):
             pooled[batch_rows] = vec.cpu().numpy()
 
         with torch.inference_mode():
-            batch_size = self.config.batch_size or (8 if self.device.type == "cuda" else 1)
-            batched_with_oom_retry(np.flatnonzero(valid), batch_size, run, prepare=prepare,
+            batched_with_oom_retry(np.flatnonzero(valid), clip_batch_size(self.config.batch_size, self.device), run,
+                                   prepare=prepare,
                                    workers=prep_workers(self.config.prep_workers, self.device),
                                    pin_memory=self.device.type == "cuda")
         return {"pooled": pooled, "valid": valid}, problems
