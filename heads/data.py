@@ -32,6 +32,12 @@ class DialogueBatch:
     rows: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)   # e.g. teacher `logits`
 
+    def padded(self, per_turn: torch.Tensor) -> torch.Tensor:
+        """[n_real, C] values of the real turns (`x[batch.mask]` order) -> [B, L, C], zeros on padding."""
+        out = per_turn.new_zeros(*self.mask.shape, per_turn.shape[-1])
+        out[self.mask] = per_turn
+        return out
+
     def to(self, device) -> "DialogueBatch":
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return DialogueBatch(move(self.features), move(self.valid), self.mask.to(device), self.speakers.to(device),

@@ -158,7 +158,4 @@ class DialogueTRM(ERCHead):
             o = torch.stack(list(reps.values())).amax(0)
         else:
             o = torch.cat(list(reps.values()), dim=-1)
-        y = self.discriminator(o)
-        out = y.new_zeros(*batch.mask.shape, y.shape[-1])
-        out[batch.mask] = y
-        return out
+        return batch.padded(self.discriminator(o))

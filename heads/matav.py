@@ -117,9 +117,7 @@ class MaTAV(ERCHead):
         toks = torch.stack([self.inputs[k](batch.features[k][m] * batch.valid[k][m][..., None])
                             for k in self.modalities], dim=1)          # [n_utt, n_mod, d]
         fused = self.cross_attention(toks).flatten(1)
-        z_real = self.fc(self.merge(fused))
-        z = z_real.new_zeros(*m.shape, z_real.shape[-1])
-        z[m] = z_real
+        z = batch.padded(self.fc(self.merge(fused)))
         if self.mamba is not None:
             z = self.mamba(z, batch.mask)
         return self.classifier(self.dropout(z))

@@ -168,9 +168,7 @@ class TelME(ERCHead):
         vecs = [students[s][0].detach() for s in self.student_names]
         z = self.classifier(self.asf(f_t, vecs)) if hasattr(self, "asf") else \
             self.classifier(torch.cat([f_t] + vecs, dim=-1))
-        out = z.new_zeros(*batch.mask.shape, z.shape[-1])
-        out[batch.mask] = z
-        return out
+        return batch.padded(z)
 
     def loss(self, batch: DialogueBatch, out: torch.Tensor):
         fusion = self.task_loss(batch, out)

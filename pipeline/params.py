@@ -154,10 +154,6 @@ def parse_params(raw: dict[str, Any]) -> Params:
     )
 
 
-def load_raw(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
-
-
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    return parse_params(load_raw(path))
+    with open(path, encoding="utf-8") as f:
+        return parse_params(yaml.safe_load(f) or {})
