@@ -8,6 +8,8 @@ eq. 15-16). Discriminator (§4.3, eq. 17-18): tanh hidden layer, softmax (catego
 (dimensional).
 
 The text features are expected to carry the self dependency already (the `indi_context` input of eq. 1).
+A masked (missing) modality takes no part: its turns are in no other turn's context, and its MGIF tokens
+are left out of the attention (a GATE with one masked side passes the other side through whole).
 Ablations (Tables 4-5) are options: `context` per modality, `fusion` = mgif | no_gate (w/o prototype
 dependency) | no_transformer (w/o representation dependency: concat of the gated vectors) | additive |
 concat | max.
@@ -52,24 +54,34 @@ class IntraModalTransformer(nn.Module):
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        L = x.shape[1]
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x [B, L, d_in]; valid [B, L] bool. A masked turn (missing input or padding) is in no other turn's
+        context; every turn still sees itself, so no attention row is empty."""
+        B, L = valid.shape
         allowed = conv_context_mask(L, self.window, x.device) if self.context == "dependent" \
             else context_free_mask(L, x.device)
-        return self.encoder(self.proj(x), mask=~allowed)   # PyTorch: True = not allowed
+        allowed = allowed & (valid[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device))
+        heads = self.encoder.layers[0].self_attn.num_heads
+        return self.encoder(self.proj(x), mask=~allowed.repeat_interleave(heads, 0))   # True = not allowed
 
 
 class GATE(nn.Module):
     """Eq. 7-12: h_u = tanh(W^U r_u), h_a = tanh(W^A r_a), z = sigmoid(W^Z [r_u; r_a]),
-    returns (z * h_u, (1 - z) * h_a): a position-wise trade-off between the two vectors."""
+    returns (z * h_u, (1 - z) * h_a): a position-wise trade-off between the two vectors.
+
+    With validity flags, a pair with one masked side gates nothing: z = 1 when only u is valid (h_u passes
+    whole), z = 0 when only a is, so the masked side's vector never reaches the output."""
 
     def __init__(self, d: int):
         super().__init__()
         self.w_u, self.w_a, self.w_z = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(2 * d, d)
 
-    def forward(self, r_u: torch.Tensor, r_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, r_u: torch.Tensor, r_a: torch.Tensor, ok_u: torch.Tensor | None = None,
+                ok_a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h_u, h_a = torch.tanh(self.w_u(r_u)), torch.tanh(self.w_a(r_a))
         z = torch.sigmoid(self.w_z(torch.cat([r_u, r_a], dim=-1)))
+        if ok_u is not None:
+            z = torch.where((ok_u & ok_a)[..., None], z, ok_u[..., None].to(z.dtype))
         return z * h_u, (1 - z) * h_a
 
 
@@ -93,21 +105,26 @@ class MGIF(nn.Module):
             layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout, batch_first=True)
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
-    def tokens(self, reps: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def tokens(self, reps: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The fusion's tokens and their validity: h_ua belongs to u and is valid iff u is."""
         if not self.gate:
-            return list(reps.values())
-        out = []
+            return list(reps.values()), [valid[m] for m in reps]
+        toks, ok = [], []
         for a, b in self.pairs:
-            out.extend(self.gates[f"{a}_{b}"](reps[a], reps[b]))
-        return out
+            toks.extend(self.gates[f"{a}_{b}"](reps[a], reps[b], valid[a], valid[b]))
+            ok.extend([valid[a], valid[b]])
+        return toks, ok
 
-    def forward(self, reps: dict[str, torch.Tensor]) -> torch.Tensor:
-        toks = self.tokens(reps)                                  # each [..., d]
+    def forward(self, reps: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]) -> torch.Tensor:
+        """reps[m] [n, d], valid[m] [n] bool -> o [n, out_dim]; tokens of masked modalities are left out."""
+        toks, ok = self.tokens(reps, valid)                       # each [n, d], [n]
+        toks = [t * o[..., None] for t, o in zip(toks, ok)]
         if not self.transformer:
             return torch.cat(toks, dim=-1)
-        lead, d = toks[0].shape[:-1], toks[0].shape[-1]
-        seq = torch.stack([self.cls.expand(*lead, d)] + toks, dim=-2).reshape(-1, len(toks) + 1, d)
-        return self.encoder(seq)[:, 0].reshape(*lead, d)
+        seq = torch.stack([self.cls.expand_as(toks[0])] + toks, dim=1)          # [n, 1 + tokens, d]
+        ignore = ~torch.stack([torch.ones_like(ok[0])] + ok, dim=1)             # e_CLS is always a key
+        return self.encoder(seq, src_key_padding_mask=ignore)[:, 0]
 
 
 class Discriminator(nn.Module):
@@ -145,17 +162,23 @@ class DialogueTRM(ERCHead):
         self.discriminator = Discriminator(fused_dim, d_model, n_out)
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
-        reps = {m: self.intra[m](batch.features[m] * batch.valid[m][..., None]) for m in self.modalities}
+        valid = {m: batch.valid[m] & batch.mask for m in self.modalities}
+        reps = {m: self.intra[m](batch.features[m] * valid[m][..., None], valid[m]) for m in self.modalities}
         # fusion and discriminator are per utterance: run them on the real turns only, not on padding
         reps = {m: r[batch.mask] for m, r in reps.items()}
+        valid = {m: v[batch.mask] for m, v in valid.items()}
         if len(reps) == 1:
             o = next(iter(reps.values()))            # DialogueTRM-U: no inter-modal fusion
         elif hasattr(self, "mgif"):
-            o = self.mgif(reps)
-        elif self.fusion == "additive":
-            o = torch.stack(list(reps.values())).sum(0)
-        elif self.fusion == "max":
-            o = torch.stack(list(reps.values())).amax(0)
-        else:
-            o = torch.cat(list(reps.values()), dim=-1)
+            o = self.mgif(reps, valid)
+        else:                                        # Table 4's simple fusions, over the valid modalities
+            ok = torch.stack([valid[m] for m in self.modalities])[..., None]      # [n_mod, n, 1]
+            r = torch.stack([reps[m] for m in self.modalities])                    # [n_mod, n, d]
+            if self.fusion == "additive":
+                o = (r * ok).sum(0)
+            elif self.fusion == "max":
+                o = r.masked_fill(~ok, float("-inf")).amax(0)
+                o = torch.where(torch.isfinite(o), o, torch.zeros_like(o))         # no valid modality
+            else:
+                o = (r * ok).permute(1, 0, 2).flatten(1)
         return batch.padded(self.discriminator(o))

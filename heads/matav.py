@@ -2,13 +2,17 @@
 [t || a || v], a Mamba network over the dialogue, softmax classifier.
 
 - Alignment (§II-C, eq. 1-5): projection heads g_m map each modality to normalised 256-d vectors; momentum
-  copies g'_m (exponential moving average, MoCo) fill three queues of the most recent M keys; `mec_loss`
-  is the InfoNCE of eq. 5 over the pairs (T, A'), (A, V'), (T, V'), the momentum key of the same utterance
+  copies g'_m (exponential moving average, MoCo) fill three queues of the most recent M keys; `mec_term`
+  is one term of the InfoNCE of eq. 5 over the pairs (T, A'), (A, V'), (T, V'), the momentum key of the same utterance
   as positive and the queue as negatives. Eq. 1-4 use the raw cosine (temperature 1, as written);
-  ALBEF's 0.07 is a param. As written, g_v is never a query (only its momentum copy gives keys), so it does
-  not learn; `mec_symmetric: true` adds the reverse terms (A, T'), (V, A'), (V, T') as ALBEF does.
-- Fusion (§II-D, eq. 6-7): the three utterance vectors (projected to d_model) are a 3-token sequence through
-  six self-attention layers; their outputs are merged, f = W_F [t || a || v], then z = FC(f).
+  ALBEF's 0.07 is a param. A pair is computed over the utterances where both of its modalities are valid.
+  As written, g_v is never a query (only its momentum copy gives keys), so MEC never shapes g_v (the CE
+  still trains it through the fusion); `mec_symmetric: true` adds the reverse terms (A, T'), (V, A'), (V, T')
+  as ALBEF does.
+- Fusion (§II-D, eq. 6-7): "the aligned features" are fused: the tokens are g_m(x_m), the very projections
+  MEC trains, scaled by sqrt(d_proj) and mapped to d_model by one linear map shared by all modalities. The
+  3-token sequence goes through six self-attention layers; their outputs are merged, f = W_F [t || a || v],
+  then z = FC(f). A masked modality is neither attended to nor part of f.
 - Context: Mamba blocks over the dialogue's z_1..z_n (causal; `heads.mamba.MambaStack`), then eq. 8.
 - Loss: CE + mec_weight * L_MEC (0.3). Ablations: `mamba: false` (w/o Mamba), `mec_weight: 0` (w/o MEC).
 """
@@ -49,7 +53,7 @@ def mec_term(query: torch.Tensor, positive_key: torch.Tensor, queue: torch.Tenso
 
 
 class TAVAlignment(nn.Module):
-    """Projection heads, their momentum copies and the three key queues (MoCo)."""
+    """Projection heads g_m, their momentum copies g'_m and one key queue per modality (MoCo)."""
 
     def __init__(self, dims: dict[str, int], d_proj: int, queue_size: int, momentum: float, temperature: float,
                  symmetric: bool = False):
@@ -60,38 +64,52 @@ class TAVAlignment(nn.Module):
         self.momentum, self.temperature = momentum, temperature
         for m in dims:
             self.register_buffer(f"queue_{m}", F.normalize(torch.randn(queue_size, d_proj), dim=-1))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+            # one pointer per queue: a modality masked for some utterances enqueues fewer keys than the others
+            self.register_buffer(f"queue_ptr_{m}", torch.zeros(1, dtype=torch.long))
 
     def queue(self, m: str) -> torch.Tensor:
         return getattr(self, f"queue_{m}")
 
+    def forward(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """g_m(x_m) for every modality: the aligned representations that the fusion attends over."""
+        return {m: self.heads[m](x) for m, x in feats.items()}
+
     @torch.no_grad()
     def momentum_update(self) -> None:
+        """theta' <- m theta' + (1 - m) theta (MoCo's momentum encoder)."""
         for p, q in zip(self.heads.parameters(), self.momentum_heads.parameters()):
             q.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
 
     @torch.no_grad()
-    def enqueue(self, keys: dict[str, torch.Tensor]) -> None:
-        n = next(iter(keys.values())).shape[0]
-        size = self.queue(next(iter(keys))).shape[0]
-        ptr = int(self.queue_ptr)
-        idx = (torch.arange(n, device=self.queue_ptr.device) + ptr) % size
-        for m, k in keys.items():
-            self.queue(m)[idx] = k[-size:] if n > size else k
-        self.queue_ptr[0] = (ptr + n) % size
+    def enqueue(self, m: str, keys: torch.Tensor) -> None:
+        """Ring-buffer write of the newest keys; a batch with more keys than the queue keeps its last M."""
+        queue, ptr = self.queue(m), getattr(self, f"queue_ptr_{m}")
+        keys = keys[-len(queue):]
+        idx = (torch.arange(len(keys), device=queue.device) + int(ptr)) % len(queue)
+        queue[idx] = keys
+        ptr[0] = (int(ptr) + len(keys)) % len(queue)
 
-    def loss(self, feats: dict[str, torch.Tensor], update: bool) -> torch.Tensor:
-        """L_MEC (eq. 5) of [n, d_m] features of the same n utterances."""
-        queries = {m: self.heads[m](x) for m, x in feats.items()}
+    def loss(self, feats: dict[str, torch.Tensor], valid: dict[str, torch.Tensor], update: bool) -> torch.Tensor | None:
+        """L_MEC (eq. 5) of [n, d_m] features of the same n utterances; `valid[m]` [n] bool.
+
+        Each pair (q, k) is computed over the utterances where both q and k are valid, so a masked audio
+        clip drops only the pairs that involve audio. None when no pair has an utterance."""
+        queries = self(feats)
         if update:
             self.momentum_update()
         with torch.no_grad():
             keys = {m: self.momentum_heads[m](x) for m, x in feats.items()}
-        loss = sum(mec_term(queries[q], keys[k], self.queue(k).clone().detach(), self.temperature)
-                   for q, k in self.pairs if q in feats and k in feats)
+        terms = []
+        for q, k in self.pairs:
+            if q in feats and k in feats:
+                both = valid[q] & valid[k]
+                if both.any():
+                    terms.append(mec_term(queries[q][both], keys[k][both], self.queue(k).clone().detach(),
+                                          self.temperature))
         if update:
-            self.enqueue(keys)
-        return loss
+            for m, key in keys.items():
+                self.enqueue(m, key[valid[m]])
+        return sum(terms) if terms else None
 
 
 @register("matav")
@@ -103,7 +121,10 @@ class MaTAV(ERCHead):
         super().__init__(dims, n_out, task)
         self.mec_weight = mec_weight
         self.align = TAVAlignment(dims, d_proj, queue_size, momentum, temperature, mec_symmetric)
-        self.inputs = nn.ModuleDict({m: nn.Linear(d, d_model) for m, d in dims.items()})
+        # one map for every modality from the shared alignment space to d_model keeps MEC's geometry: what
+        # MEC pulls together stays together in the tokens the cross-attention reads
+        self.to_model = nn.Linear(d_proj, d_model)
+        self.token_scale = d_proj ** 0.5   # unit-norm g_m(x) -> coordinates of unit scale
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout, batch_first=True)
         self.cross_attention = nn.TransformerEncoder(layer, attention_layers, enable_nested_tensor=False)  # eq. 6-7
         self.merge = nn.Linear(d_model * len(dims), d_model)           # f = W_F [t || a || v]
@@ -112,12 +133,23 @@ class MaTAV(ERCHead):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(d_model, n_out)                    # eq. 8
 
+    def real_turns(self, batch: DialogueBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Features and validity of the real turns ([n_utt, d_m], [n_utt]); masked inputs zeroed."""
+        m = batch.mask
+        valid = {k: batch.valid[k][m] for k in self.modalities}
+        return {k: batch.features[k][m] * valid[k][..., None] for k in self.modalities}, valid
+
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
-        m = batch.mask   # the per-utterance fusion runs on real turns only; Mamba then sees the padded dialogue
-        toks = torch.stack([self.inputs[k](batch.features[k][m] * batch.valid[k][m][..., None])
-                            for k in self.modalities], dim=1)          # [n_utt, n_mod, d]
-        fused = self.cross_attention(toks).flatten(1)
-        z = batch.padded(self.fc(self.merge(fused)))
+        # the per-utterance fusion runs on real turns only; Mamba then sees the padded dialogue
+        feats, valid = self.real_turns(batch)
+        aligned = self.align(feats)                                    # g_m(x_m): what MEC aligns
+        toks = torch.stack([self.to_model(aligned[k] * self.token_scale) for k in self.modalities], dim=1)
+        ok = torch.stack([valid[k] for k in self.modalities], dim=1)   # [n_utt, n_mod]
+        # a masked modality is no key of the attention and no part of f; an utterance with no valid
+        # modality attends over its constant tokens (a fully masked softmax row would be NaN)
+        ignore = ~ok & ok.any(1, keepdim=True)
+        fused = self.cross_attention(toks, src_key_padding_mask=ignore) * ok[..., None]
+        z = batch.padded(self.fc(self.merge(fused.flatten(1))))
         if self.mamba is not None:
             z = self.mamba(z, batch.mask)
         return self.classifier(self.dropout(z))
@@ -126,11 +158,9 @@ class MaTAV(ERCHead):
         ce = self.task_loss(batch, out)
         parts = {"task": float(ce.detach())}
         if self.mec_weight and len(self.modalities) > 1:
-            ok = batch.mask.clone()
-            for m in self.modalities:
-                ok &= batch.valid[m]
-            if ok.sum() > 1:
-                mec = self.align.loss({m: batch.features[m][ok] for m in self.modalities}, update=self.training)
+            feats, valid = self.real_turns(batch)
+            mec = self.align.loss(feats, valid, update=self.training)
+            if mec is not None:
                 parts["mec"] = float(mec.detach())
                 return ce + self.mec_weight * mec, parts
         return ce, parts

@@ -43,6 +43,25 @@ def test_indi_context_is_table1(tiny_bert):
     assert toks == ["[CLS]", "sad", "[SEP]", "am", "[SEP]"]   # K = 3: x4..x6, of which only x4 is speaker 1
 
 
+@pytest.mark.parametrize("with_context", [False, True])
+def test_indi_context_long_utterance_keeps_its_start(tiny_bert, with_context):
+    """A 500-token utterance fits max_length with or without context: its start kept, before any context."""
+    from pipeline.encoders.text import tokenize_pairs
+
+    enc = text_encoder(tiny_bert, input_format="indi_context", max_length=32)
+    words = ("happy sad angry cake car " * 100).split()
+    context = "the letter was on monday" if with_context else ""
+    ids = tokenize_pairs(enc.tokenizer, [(" ".join(words), context)], "indi_context", 32)[0]
+    toks = enc.tokenizer.convert_ids_to_tokens(ids["input_ids"])
+    assert len(toks) == 32 and toks[0] == "[CLS]" and toks[-1] == "[SEP]" and toks.count("[SEP]") == 1
+    assert toks[1:31] == words[:30]
+    # a short utterance with a long context: the utterance whole, the context's newest end fills the rest
+    ids = tokenize_pairs(enc.tokenizer, [("so happy", " ".join(words))], "indi_context", 32)[0]
+    toks = enc.tokenizer.convert_ids_to_tokens(ids["input_ids"])
+    assert len(toks) == 32 and toks[:4] == ["[CLS]", "so", "happy", "[SEP]"] and toks[4:-1] == words[-27:]
+    assert ids["token_type_ids"] == [0] * 4 + [1] * 28
+
+
 def test_prompt_format_speaker_tokens_and_mask(tiny_bert):
     enc = text_encoder(tiny_bert, input_format="prompt", pooling="mask")
     toks, _ = tokens(enc, 2)       # x3, spoken by the dialogue's second speaker

@@ -77,11 +77,35 @@ def text_inputs(manifest: Manifest, rows: np.ndarray, fmt: str, window: int | No
 
 
 def tokenize_pairs(tokenizer, pairs: list[tuple[str, str | None]], fmt: str, max_length: int) -> list[dict]:
-    """Token ids of (text, text_pair) inputs; `indi_context` truncates only the context, `prompt` the history
-    (the tokenizer's truncation side is set to left by `load_text_model`)."""
-    trunc = "only_second" if fmt == "indi_context" else True
-    return [tokenizer(text, truncation=trunc, max_length=max_length, **({"text_pair": pair} if pair is not None else {}))
-            for text, pair in pairs]
+    """Token ids of (text, text_pair) inputs, at most `max_length` long.
+
+    `prompt` and `utterance` are one sequence (the tokenizer's truncation side is set to left for `prompt` by
+    `load_text_model`, so the oldest history goes first). `indi_context` is `[CLS] utt [SEP] context [SEP]`:
+    the utterance keeps its start and always comes first; the context gets the room the utterance leaves and
+    loses its oldest tokens first; an utterance that fills the room alone is encoded without context."""
+    if fmt != "indi_context":
+        return [tokenizer(text, truncation=True, max_length=max_length) for text, _ in pairs]
+    from tokenizers import Tokenizer
+
+    # a private copy of the fast tokenizer's engine: free of the truncation state the wrapper leaves on it
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    room_pair = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    room_single = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    out = []
+    for text, context in pairs:
+        utt = backend.encode(text, add_special_tokens=False)
+        ctx = backend.encode(context, add_special_tokens=False) if context else None
+        if ctx is None or not ctx.ids or len(utt.ids) >= room_pair:
+            ctx = None
+            utt.truncate(room_single, direction="right")
+        else:
+            ctx.truncate(room_pair - len(utt.ids), direction="left")
+        enc = backend.post_process(utt, ctx, add_special_tokens=True)
+        row = {"input_ids": enc.ids, "token_type_ids": enc.type_ids, "attention_mask": enc.attention_mask}
+        out.append({k: v for k, v in row.items() if k in tokenizer.model_input_names})
+    return out
 
 
 def pool_hidden(hidden: torch.Tensor, batch: dict, pooling: str, mask_token_id: int | None) -> torch.Tensor:
