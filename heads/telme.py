@@ -164,7 +164,6 @@ class TelME(ERCHead):
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
         f_t, students = self.encode(batch)
-        self._students = (batch, f_t, students)   # reused by loss() on the same batch: one student pass
         vecs = [students[s][0].detach() for s in self.student_names]
         z = self.classifier(self.asf(f_t, vecs)) if hasattr(self, "asf") else \
             self.classifier(torch.cat([f_t] + vecs, dim=-1))
@@ -172,9 +171,8 @@ class TelME(ERCHead):
 
     def loss(self, batch: DialogueBatch, out: torch.Tensor):
         fusion = self.task_loss(batch, out)
-        cached = getattr(self, "_students", None)
-        f_t, students = cached[1:] if cached is not None and cached[0] is batch else self.encode(batch)
-        self._students = None
+        # the students' own pass: `forward` gives the fusion detached copies, so L_student trains them here
+        f_t, students = self.encode(batch)
         parts = {"fusion": float(fusion.detach())}
         total = fusion
         labels, dims = batch.labels[batch.mask], batch.dims[batch.mask]
