@@ -56,6 +56,7 @@ def meld_size_data(root: Path, dims: dict[str, int], n_dialogues: int = 1432, se
             f.create_dataset("utt_id", data=np.array(m.utt_ids, dtype=object), dtype=STR)
             f.create_dataset("pooled", data=rng.standard_normal((len(m), d), dtype=np.float32))
             f.create_dataset("valid", data=np.ones(len(m), bool))
+            f.attrs.update(rows=len(m), fingerprint=f"bench-{mod}", code_version="bench")  # what H5Store checks
         stores[mod] = str(path)
     return CachedDialogues(m, stores)
 

@@ -11,52 +11,48 @@ takes it as its text input by naming it in params `features.text`.
 Checkpoints (`<ckpt>/best`, `<ckpt>/last`) hold the encoder and tokenizer (with the added speaker tokens)
 in transformers' format, the classifier layer, and — in `last` — optimizer, scheduler, RNG state and the
 position in the epoch, so an interrupted fine-tune resumes where its last checkpoint left it.
+
+Checkpoints travel through the DVC remote, so they are data and never unpickled (DESIGN.md, "Trust
+boundary"). A checkpoint directory, written to `.<name>.tmp` and renamed:
+    encoder/                     save_pretrained: config.json, model.safetensors, tokenizer files
+    classifier.safetensors       the linear layer's `weight`, `bias`
+    training_state.safetensors   (`last` only) optimizer tensors and RNG states, keyed by their path
+    training_state.json          (`last` only) counters, history, optimizer param groups, scheduler, numpy and
+                                 Python RNG states; a tensor appears as {"__tensor__": "<key>"}
+    checkpoint.json              written last: format, format_version, labels, pooling, fingerprint, ...
+A directory holding a pickle (`*.pt`, `*.bin`, ...), a damaged or foreign file is refused with a
+`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.encoders import Encoder, autocast_context, extract, resolve_device, weights_hash
+from pipeline.configs import FinetuneParams
+from pipeline.encoders import Encoder
 from pipeline.encoders.text import load_text_model, pool_hidden, text_inputs, tokenize_pairs
+from pipeline.extract import extract
 from pipeline.manifest import Manifest
 from pipeline.metrics import classification_metrics
-from pipeline.store import atomic_write_text, fingerprint
+from pipeline.runtime import autocast_context, resolve_device, weights_hash
+from pipeline.store import StoreError, atomic_write_text, fingerprint, guarded_write, remove_path, what_to_do
+
+CHECKPOINT_FORMAT = "ercflow.text_checkpoint"
+CHECKPOINT_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")   # never read, refused
 
 
-@dataclass
-class FinetuneParams:
-    weights: str                          # hub id / local dir / package:<module>/<dir>
-    revision: str | None = None
-    input_format: str = "indi_context"    # indi_context (DialogueTRM) | prompt (TelME) | utterance
-    pooling: str = "cls"                  # cls | mean | mask (prompt)
-    context_window: int | None = None
-    speaker_tokens: int = 9
-    max_length: int = 256
-    lr: float = 6e-6                      # DialogueTRM 6e-6 (1200 warmup steps); TelME 1e-5
-    warmup_steps: int = 1200
-    weight_decay: float = 0.01
-    epochs: int = 10
-    batch_size: int = 8
-    grad_accum: int = 1
-    patience: int = 3                     # epochs without dev WF1 improvement
-    class_weights: bool = False           # inverse-frequency CE weights (MELD is 47% neutral)
-    gradient_checkpointing: bool = False
-    autocast: str = "bf16"                # CUDA only
-    dropout: float = 0.1
-    device: str = "auto"
-    seed: int = 0
-    save_every_steps: int = 200           # a resumable checkpoint this often (and at each epoch's end)
-    eval_batch_size: int = 32
 
 
 class TextClassifier(nn.Module):
@@ -76,6 +72,66 @@ class TextClassifier(nn.Module):
 
 class InterruptTraining(Exception):
     """Raised by a `stop_after_steps` hook (tests simulate a kill with it)."""
+
+
+class CheckpointError(StoreError):
+    """A fine-tune checkpoint that is damaged, foreign, pickled or of a newer format (names the file)."""
+
+
+def _split_tensors(obj, key: str, tensors: dict[str, torch.Tensor]):
+    """A JSON-able copy of `obj` with every tensor moved to `tensors[key-path]` and replaced by
+    {"__tensor__": key-path}; a dict with non-string keys (the optimizer's parameter ids) becomes
+    {"__items__": [[key, value], ...]}, so int keys come back as ints."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _split_tensors(v, f"{key}.{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[k, _split_tensors(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    raise TypeError(f"training state at {key!r}: cannot store a {type(obj).__name__} as JSON or a tensor")
+
+
+def _join_tensors(obj, tensors: dict[str, torch.Tensor]):
+    """Inverse of `_split_tensors`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: _join_tensors(v, tensors) for k, v in obj["__items__"]}
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def rng_states() -> dict:
+    """torch (CPU and CUDA) RNG states as uint8 tensors; numpy's and Python's global ones as JSON-able."""
+    np_state = np.random.get_state(legacy=False)
+    py_version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
+            "python": [py_version, list(py_state), py_gauss]}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        st = states["numpy"]
+        key = np.array(st["state"]["key"], np.uint32)
+        np.random.set_state({**st, "state": {"key": key, "pos": st["state"]["pos"]}})
+    if "python" in states:
+        version, state, gauss = states["python"]
+        random.setstate((version, tuple(state), gauss))
 
 
 class TextFinetuner:
@@ -129,35 +185,107 @@ class TextFinetuner:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, name: str, state: dict | None = None) -> Path:
-        """Write checkpoint `name` atomically (temp dir, then rename)."""
+        """Write checkpoint `name` atomically (temp dir, then rename); `state` (the training state of `last`)
+        may hold tensors, JSON-able values and dicts keyed by ints (an optimizer's state_dict)."""
         final = self.ckpt / name
-        tmp = self.ckpt / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.encoder.save_pretrained(tmp / "encoder")
-        self.tokenizer.save_pretrained(tmp / "encoder")
-        torch.save({"classifier": self.model.classifier.state_dict(), "labels": self.labels,
-                    "pooling": self.p.pooling, "fingerprint": self.fingerprint}, tmp / "classifier.pt")
-        if state is not None:
-            torch.save(state, tmp / "training_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        tmp, old = self.ckpt / f".{name}.tmp", self.ckpt / f".{name}.old"
+        remove_path(tmp)
+        nbytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        with guarded_write(final, tmp, nbytes, "re-run: the fine-tune resumes from its last checkpoint"):
+            tmp.mkdir(parents=True)
+            self.model.encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "encoder")
+            pickled = [f.name for f in (tmp / "encoder").iterdir() if f.name.endswith(PICKLE_SUFFIXES)]
+            if pickled or not any((tmp / "encoder").glob("*.safetensors")):
+                raise CheckpointError(f"{tmp / 'encoder'}: save_pretrained wrote {pickled or 'no safetensors'}; "
+                                      "ercflow keeps checkpoints in safetensors only")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.classifier.state_dict().items()},
+                      tmp / "classifier.safetensors")
+            if state is not None:
+                tensors: dict[str, torch.Tensor] = {}
+                doc = _split_tensors(state, "state", tensors)
+                save_file(tensors, tmp / "training_state.safetensors")
+                (tmp / "training_state.json").write_text(json.dumps(doc))
+            meta = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "labels": self.labels,
+                    "pooling": self.p.pooling, "input_format": self.p.input_format,
+                    "base_weights": self.p.weights, "fingerprint": self.fingerprint,
+                    "training_state": state is not None}
+            (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1))   # last: marks a complete dir
+            remove_path(old)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            remove_path(old)
         return final
 
+    def checkpoint_meta(self, name: str) -> dict:
+        """`checkpoint.json` of checkpoint `name`, after refusing a directory that holds a pickle, a foreign
+        or a newer-format checkpoint."""
+        path = self.ckpt / name
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        for f in sorted(path.rglob("*")):
+            if f.name.endswith(PICKLE_SUFFIXES):
+                raise CheckpointError(
+                    f"{f}: refused: a pickle file in a fine-tune checkpoint (unpickling can run code; ercflow "
+                    f"reads checkpoints as safetensors + JSON only); {what_to_do(f, delete=path)}")
+        meta = _read_json(path / "checkpoint.json", path)
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path / 'checkpoint.json'}: not an ercflow fine-tune checkpoint (format "
+                                  f"{meta.get('format') if isinstance(meta, dict) else None!r}); "
+                                  f"{what_to_do(path / 'checkpoint.json', delete=path)}")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path / 'checkpoint.json'}: format_version {version!r}, this ercflow reads up to "
+                                  f"{CHECKPOINT_VERSION}: upgrade ercflow, or delete {path} and re-run the stage")
+        return meta
+
     def load(self, name: str) -> dict | None:
+        """Load checkpoint `name` into the model; returns its training state (None for `best`)."""
         from transformers import AutoModel
 
         path = self.ckpt / name
-        head = torch.load(path / "classifier.pt", map_location="cpu", weights_only=False)
-        encoder = AutoModel.from_pretrained(path / "encoder")
+        meta = self.checkpoint_meta(name)
+        if meta.get("labels") != self.labels:
+            raise CheckpointError(f"{path / 'checkpoint.json'}: labels {meta.get('labels')} differ from the "
+                                  f"manifest's {self.labels}; {what_to_do(path, delete=path)}")
+        enc = path / "encoder"
+        for f in sorted(enc.glob("*.safetensors")):   # name a damaged file before transformers reads it
+            _check_tensors(f, path)
+        try:   # safetensors only; a config asking for remote code is refused (trust_remote_code stays off)
+            encoder, info = AutoModel.from_pretrained(enc, use_safetensors=True, trust_remote_code=False,
+                                                      output_loading_info=True)
+        except Exception as e:   # noqa: BLE001  (transformers raises OSError, ValueError, SafetensorError, ...)
+            raise CheckpointError(f"{enc}: the encoder does not load ({_first_line(e)}); "
+                                  f"{what_to_do(enc, delete=path)}") from e
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if bad:
+            raise CheckpointError(f"{enc}: the encoder's weights do not fit its config ({_first_line(bad)}); "
+                                  f"{what_to_do(enc, delete=path)}")
         self.model.encoder.load_state_dict(encoder.state_dict())
-        self.model.classifier.load_state_dict(head["classifier"])
+        head = _read_tensors(path / "classifier.safetensors", path)
+        try:
+            self.model.classifier.load_state_dict(head)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path / 'classifier.safetensors'}: does not fit the classifier "
+                                  f"({_first_line(e)}); {what_to_do(path, delete=path)}") from e
         self.model.to(self.device)
-        state = path / "training_state.pt"
-        return torch.load(state, map_location="cpu", weights_only=False) if state.exists() else None
+        if not meta.get("training_state"):
+            return None
+        tensors = _read_tensors(path / "training_state.safetensors", path)
+        doc = _read_json(path / "training_state.json", path)
+        try:
+            return _join_tensors(doc, tensors)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / 'training_state.json'}: does not match training_state.safetensors "
+                                  f"({_first_line(e)}); {what_to_do(path, delete=path)}") from e
 
     def resumable(self) -> bool:
-        head = self.ckpt / "last" / "classifier.pt"
-        return head.exists() and torch.load(head, map_location="cpu", weights_only=False)["fingerprint"] == self.fingerprint
+        """A `last` checkpoint of this very config exists (a pickled or damaged one is refused, not skipped)."""
+        if not (self.ckpt / "last").exists():
+            return False
+        meta = self.checkpoint_meta("last")
+        return bool(meta.get("training_state")) and meta.get("fingerprint") == self.fingerprint
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, log=print, stop_after_steps: int | None = None) -> dict:
@@ -184,14 +312,14 @@ class TextFinetuner:
             saved = self.load("last")
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
-            torch.set_rng_state(saved["rng"])
+            set_rng_states(saved["rng"])
             state = saved["state"]
             log(f"resuming from {self.ckpt / 'last'}: epoch {state['epoch']}, batch {state['batch']}, step {state['step']}")
         resumed_at = state["step"]
 
         def checkpoint():
             self.save("last", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                               "rng": torch.get_rng_state(), "state": state})
+                               "rng": rng_states(), "state": state})
 
         started = time.perf_counter()
         while state["epoch"] < p.epochs and state["since"] < p.patience:
@@ -236,16 +364,45 @@ class TextFinetuner:
         return state
 
 
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _read_json(f: Path, ckpt: Path):
+    try:
+        return json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{f}: missing or damaged ({_first_line(e)}); {what_to_do(f, delete=ckpt)}") from e
+
+
+def _read_tensors(f: Path, ckpt: Path, header_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """A safetensors file (a pickle, a truncated or damaged file fails here, naming it; nothing runs)."""
+    try:
+        if header_only:   # safe_open checks the header and that the tensors cover the file exactly
+            with safe_open(f, "pt", device="cpu"):
+                return None
+        return load_file(f, device="cpu")
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({_first_line(e)}); "
+                              f"{what_to_do(f, delete=ckpt)}") from e
+
+
+def _check_tensors(f: Path, ckpt: Path) -> None:
+    _read_tensors(f, ckpt, header_only=True)
+
+
 class TeacherEncoder(Encoder):
     """The fine-tuned checkpoint as an encoder: `pooled` at the pooling position and `logits`."""
     kind = "finetuned_text"
     modality = "text"
     needs_media = False
 
-    def __init__(self, name: str, tuner: TextFinetuner, checkpoint: Path):
+    def __init__(self, name: str, tuner: TextFinetuner, checkpoint: Path, weights_dir: Path | None = None):
+        """`checkpoint` as it is recorded (a project path); `weights_dir`: where it is here, when elsewhere."""
         self.name, self.tuner, self.checkpoint = name, tuner, checkpoint
         self.config = tuner.p
-        self.ckpt_hash = weights_hash(str(checkpoint))
+        self.ckpt_hash = weights_hash(str(weights_dir or checkpoint))
 
     @property
     def dim(self) -> int:

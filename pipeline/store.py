@@ -11,13 +11,22 @@ Layout of a store (rows follow the manifest's `utt_id` order, stored in the file
 - ragged arrays as `<name>` (all rows concatenated on axis 0) + `<name>_offsets` [N + 1];
 - `problems`: a JSON list of the per-utterance problems met while building the store;
 - attributes: provenance (encoder, weights id and hash, config hash, code version, rates, dtype, ...).
+
+Stores arrive from a DVC remote or a colleague: opening one checks that it is a complete ercflow store whose
+datasets all have one row per `utt_id`, and every problem is a `StoreError` naming the file and what to do.
+A write that meets a full disk raises `DiskFullError` (one line: the path, the size, what to do) and leaves
+no temp file; finished chunks are kept, so a re-run after freeing space resumes.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,7 +34,7 @@ from typing import Any, Iterable
 import h5py
 import numpy as np
 
-from pipeline import __version__
+from pipeline import UserError, __version__
 
 STR = h5py.string_dtype("utf-8")
 
@@ -35,12 +44,99 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+class StoreError(UserError, RuntimeError):
+    """A store, checkpoint or model bundle that is missing, damaged, foreign or could not be written.
+
+    The message is one line naming the file, what is wrong and what to do."""
+
+
+class DiskFullError(StoreError):
+    """A write failed for lack of disk space (ENOSPC) or quota (EDQUOT)."""
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_DISK_FULL_TEXT = tuple(os.strerror(n) for n in _DISK_FULL) + tuple(f"os error {n})" for n in _DISK_FULL)
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """True for an OSError with errno ENOSPC/EDQUOT, or an error (safetensors', h5py's) whose message or
+    cause says so."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        if any(t in str(e) for t in _DISK_FULL_TEXT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def remove_path(path: Path) -> None:
+    """Remove a temp file or directory (a symlink itself, never its target); absent is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def guarded_write(path: str | Path, tmp: str | Path | None = None, nbytes: int | None = None,
+                  then: str = "re-run the stage"):
+    """Around a write of `path` (through `tmp`): on any failure remove `tmp`; a full disk becomes one
+    `DiskFullError` naming `path`, the size being written and what to do."""
+    try:
+        yield
+    except BaseException as e:
+        if tmp is not None:
+            remove_path(Path(tmp))
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e):
+            code = e.errno if isinstance(e, OSError) and e.errno in _DISK_FULL else errno.ENOSPC
+            size = f" {'about ' if nbytes and nbytes > 4096 else ''}{_size(nbytes)}" if nbytes else ""
+            where = Path(path).resolve().parent
+            raise DiskFullError(f"{path}: disk full ({os.strerror(code)}) while writing{size}; free space on "
+                                f"the disk holding {where} (`df -h {where}`), then {then}") from e
+        raise
+
+
+def what_to_do(path: str | Path, delete: str | Path | None = None) -> str:
+    """How to get a good copy of a file the pipeline writes: the DVC output to pull, or what to delete (a
+    `persist` output is not deleted by DVC before its stage runs) and the stage to re-run."""
+    parts = Path(path).parts
+    out, stage = Path(path), None
+    for i in range(len(parts) - 2, -1, -1):   # data/features/<D>/<E>.h5, data/media/<D>.h5, models/<D>/...
+        rest = parts[i + 1:]
+        if parts[i] == "features" and len(rest) == 2 and rest[1].endswith(".h5"):
+            d, e = rest[0], Path(rest[1]).stem   # a teacher store has its checkpoints in models/<D>/<E>/
+            teacher = Path(*parts[:max(i - 1, 0)], "models", d, e).is_dir()
+            stage = f"{'finetune_text' if teacher else 'extract'}@{d}-{e}"
+        elif parts[i] == "media" and len(rest) == 1 and rest[0].endswith(".h5"):
+            stage = f"decode@{Path(rest[0]).stem}"
+        elif parts[i] == "models" and len(rest) == 2 and rest[1].endswith(".safetensors"):
+            stage = f"train@{rest[0]}-{Path(rest[1]).stem}"
+        elif parts[i] == "models" and len(rest) >= 2:   # a fine-tune checkpoint: the DVC output is its dir
+            out, stage = Path(*parts[:i + 3]), f"finetune_text@{rest[0]}-{rest[1]}"
+        if stage:
+            break
+    rerun = f"`dvc repro {stage}`" if stage else "the stage that writes it"
+    return f"re-pull it with `dvc pull {out}`, or delete {delete or path} and re-run {rerun}"
+
+
+def atomic_write_text(path: str | Path, text: str, *, then: str = "re-run the stage") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    data = text.encode()
+    with guarded_write(path, tmp, len(data), then):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 class ChunkedRun:
@@ -53,7 +149,8 @@ class ChunkedRun:
         if self.dir.exists() and (not meta.exists() or meta.read_text() != run_fingerprint):
             shutil.rmtree(self.dir)  # chunks of another config are of no use
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta.write_text(run_fingerprint)
+        self.kept = f"re-run: finished chunks in {self.dir} are kept"
+        atomic_write_text(meta, run_fingerprint, then=self.kept)
 
     def _path(self, i: int) -> Path:
         return self.dir / f"chunk_{i:06d}.npz"
@@ -63,17 +160,22 @@ class ChunkedRun:
 
     def save(self, i: int, arrays: dict[str, np.ndarray], notes: list | None = None) -> None:
         """Save chunk i; `notes` (JSON-able, e.g. per-utterance problems) are kept beside it."""
-        atomic_write_text(self.dir / f"chunk_{i:06d}.notes.json", json.dumps(notes or []))
+        atomic_write_text(self.dir / f"chunk_{i:06d}.notes.json", json.dumps(notes or []), then=self.kept)
         tmp = self.dir / f".chunk_{i:06d}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self._path(i))  # the npz appears last: its presence means the chunk is done
+        with guarded_write(self._path(i), tmp, sum(int(np.asarray(a).nbytes) for a in arrays.values()), self.kept):
+            np.savez(tmp, **arrays)
+            os.replace(tmp, self._path(i))  # the npz appears last: its presence means the chunk is done
 
     def notes(self, i: int) -> list:
         return json.loads((self.dir / f"chunk_{i:06d}.notes.json").read_text())
 
     def load(self, i: int) -> dict[str, np.ndarray]:
-        with np.load(self._path(i), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(self._path(i), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise StoreError(f"{self._path(i)}: damaged chunk ({type(e).__name__}: {e}); delete it and re-run "
+                             "the stage (the other finished chunks are kept)") from e
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -96,7 +198,17 @@ def assemble(run: ChunkedRun, utt_ids: list[str], n_chunks: int, layout: StoreLa
     """Write all chunks of `run` into the final HDF5 store, atomically."""
     final = run.final_path
     tmp = final.with_name(final.name + ".tmp")
-    n = len(utt_ids)
+    size = sum(run._path(i).stat().st_size for i in range(n_chunks) if run.done(i))
+    with guarded_write(final, tmp, size, run.kept + " and assembled again"):
+        _write_store(tmp, run, utt_ids, n_chunks, layout, attrs)
+        os.replace(tmp, final)
+    run.discard()
+    return final
+
+
+def _write_store(tmp: Path, run: ChunkedRun, utt_ids: list[str], n_chunks: int, layout: StoreLayout,
+                 attrs: dict[str, Any]) -> None:
+    final, n = run.final_path, len(utt_ids)
     with h5py.File(tmp, "w") as f:
         f.create_dataset("utt_id", data=np.array(utt_ids, dtype=object), dtype=STR)
         row = 0
@@ -127,14 +239,12 @@ def assemble(run: ChunkedRun, utt_ids: list[str], n_chunks: int, layout: StoreLa
                 ragged_len[k] = start + int(lengths.sum())
             row += m
         if row != n:
-            raise RuntimeError(f"{final}: chunks hold {row} rows, the manifest {n}")
+            raise StoreError(f"{final}: the chunks in {run.dir} hold {row} rows, the manifest {n}; delete "
+                             f"{run.dir} and re-run the stage")
         # the per-utterance problems travel with the store, so a later no-op run can still report them
         f.create_dataset("problems", data=json.dumps([q for i in range(n_chunks) for q in run.notes(i)]), dtype=STR)
         f.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                         for k, v in {**attrs, "code_version": __version__, "rows": n}.items() if v is not None})
-    os.replace(tmp, final)
-    run.discard()
-    return final
 
 
 def run_chunks(run: ChunkedRun, n: int, chunk_size: int, compute, progress=None) -> tuple[int, list]:
@@ -160,12 +270,14 @@ def ragged(arrays: Iterable[np.ndarray], name: str, dtype, tail_shape=()) -> dic
     return {name: data, f"{name}_lengths": lengths}
 
 
-class StoreError(RuntimeError):
-    pass
+_STORE_ATTRS = ("rows", "fingerprint", "code_version")   # written by `assemble` into every store
 
 
 class H5Store:
-    """Read side shared by media and feature stores: row lookup by utt_id, attributes, ragged rows."""
+    """Read side shared by media and feature stores: row lookup by utt_id, attributes, ragged rows.
+
+    Opening checks the file is a complete ercflow store: readable HDF5, a `utt_id` dataset and the
+    attributes `assemble` writes, one row per `utt_id` in every per-row dataset, ragged offsets that fit."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -173,9 +285,55 @@ class H5Store:
             partial = self.path.with_name(self.path.name + ".partial")
             hint = " (an interrupted run left chunks; re-run the stage to resume)" if partial.exists() else ""
             raise StoreError(f"store not found: {self.path}{hint}")
-        self.file = h5py.File(self.path, "r")
-        self.utt_ids = [s.decode() if isinstance(s, bytes) else s for s in self.file["utt_id"][:]]
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise self.error(f"not a readable HDF5 file: {_h5_reason(e)}") from e
+        try:
+            self._check_layout()
+            self.utt_ids = [s.decode() if isinstance(s, bytes) else s for s in self.file["utt_id"][:]]
+            if len(set(self.utt_ids)) != len(self.utt_ids):
+                raise self.error("damaged store: `utt_id` holds duplicates")
+        except StoreError:
+            self.file.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:   # a damaged dataset inside an openable file
+            self.file.close()
+            raise self.error(f"damaged store ({type(e).__name__}: {_h5_reason(e)})") from e
         self.row_of = {u: i for i, u in enumerate(self.utt_ids)}
+
+    def error(self, what: str) -> StoreError:
+        return StoreError(f"{self.path}: {what}; {what_to_do(self.path)}")
+
+    def _check_layout(self) -> None:
+        f = self.file
+        missing = [a for a in _STORE_ATTRS if a not in f.attrs]
+        if "utt_id" not in f or missing:
+            what = "no `utt_id` dataset" if "utt_id" not in f else f"no attribute(s) {missing}"
+            raise self.error(f"not an ercflow store ({what}; datasets: {sorted(f)[:8]})")
+        n = f["utt_id"].shape[0] if f["utt_id"].shape else -1
+        if int(f.attrs["rows"]) != n:
+            raise self.error(f"wrong row count: `utt_id` has {n} rows, the store says {int(f.attrs['rows'])}")
+        ragged = {k[:-len("_offsets")] for k in f if k.endswith("_offsets")}
+        for k, ds in f.items():
+            if not isinstance(ds, h5py.Dataset) or k in ragged or k in ("utt_id", "problems"):
+                continue
+            want = n + 1 if k.endswith("_offsets") else n
+            if not ds.shape or ds.shape[0] != want:
+                raise self.error(f"wrong row count: `{k}` has {ds.shape[0] if ds.shape else 0} rows, "
+                                 f"`utt_id` {n}{' (+1 offset)' if want > n else ''}")
+        for k in ragged:
+            if k not in f or int(f[f"{k}_offsets"][-1]) != f[k].shape[0]:
+                raise self.error(f"damaged store: ragged `{k}` does not match `{k}_offsets`")
+
+    def require(self, utt_ids: Iterable[str]) -> None:
+        """Refuse a store that does not hold every one of `utt_ids` (built from another manifest)."""
+        self.rows(utt_ids)
+
+    def _row(self, utt_id: str) -> int:
+        if utt_id not in self.row_of:
+            self.rows([utt_id])
+        return self.row_of[utt_id]
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -193,8 +351,8 @@ class H5Store:
         utt_ids = list(utt_ids)
         missing = [u for u in utt_ids if u not in self.row_of]
         if missing:
-            raise StoreError(f"{self.path}: {len(missing)} utterance(s) not in the store, e.g. {missing[:5]}; "
-                             "was it built from another manifest?")
+            raise self.error(f"{len(missing)} of the manifest's utterance(s) not in the store ({len(self.utt_ids)} "
+                             f"rows), e.g. {missing[:5]}: it was built from another manifest")
         return np.array([self.row_of[u] for u in utt_ids], dtype=np.int64)
 
     def fixed(self, name: str, utt_ids: Iterable[str] | None = None) -> np.ndarray:
@@ -223,15 +381,26 @@ class H5Store:
         self.close()
 
 
+def _h5_reason(e: BaseException) -> str:
+    """h5py's message, cut to its first line and without the C-level detail."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "truncated file" in text:
+        sizes = dict(re.findall(r"\b(eof|stored_eof) = (\d+)", text))
+        return (f"truncated ({sizes['eof']} of {sizes['stored_eof']} bytes)" if len(sizes) == 2 else "truncated")
+    if "file signature not found" in text:
+        return "not an HDF5 file (file signature not found)"
+    return text
+
+
 class MediaStore(H5Store):
     """Decoded media: `audio` ragged float32 at `sample_rate`, `frames` [N, F, S, S, 3] uint8,
     `audio_valid` / `video_valid` [N] bool."""
 
     def audio(self, utt_id: str) -> np.ndarray:
-        return self.ragged_row("audio", self.row_of[utt_id])
+        return self.ragged_row("audio", self._row(utt_id))
 
     def frames(self, utt_id: str) -> np.ndarray:
-        return self.file["frames"][self.row_of[utt_id]]
+        return self.file["frames"][self._row(utt_id)]
 
 
 class FeatureStore(H5Store):
@@ -251,7 +420,7 @@ class FeatureStore(H5Store):
         return self.fixed("logits", utt_ids) if self.has("logits") else None
 
     def sequence(self, utt_id: str) -> np.ndarray:
-        return self.ragged_row("seq", self.row_of[utt_id])
+        return self.ragged_row("seq", self._row(utt_id))
 
     def split(self, manifest, split: str) -> np.ndarray:
         """Pooled features of one split's rows, in manifest order."""

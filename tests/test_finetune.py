@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline.finetune import FinetuneParams, InterruptTraining, TextFinetuner, write_teacher_store
 from pipeline.store import FeatureStore
@@ -19,6 +22,13 @@ def test_finetune_loss_falls_checkpoint_reloads_and_teacher_store(tiny_bert, sam
     losses = [h["train_loss"] for h in state["history"]]
     assert losses[-1] < 0.7 * losses[0], losses
     assert (tmp_path / "ckpt/best/encoder/tokenizer.json").exists()
+    # safetensors + JSON only: no pickle anywhere in a checkpoint
+    files = {str(f.relative_to(tmp_path / "ckpt")) for f in (tmp_path / "ckpt").rglob("*") if f.is_file()}
+    assert {"best/checkpoint.json", "best/classifier.safetensors", "best/encoder/model.safetensors",
+            "last/training_state.safetensors", "last/training_state.json"} <= files, files
+    assert not [f for f in files if f.endswith((".pt", ".bin", ".pkl", ".pth"))], files
+    meta = json.loads((tmp_path / "ckpt/best/checkpoint.json").read_text())
+    assert meta["format_version"] == 1 and meta["labels"] == sample_manifest.meta.labels and not meta["training_state"]
     # the best checkpoint reloads (into a fresh fine-tuner) and reproduces its logits exactly
     tuner.load("best")
     rows = np.arange(len(sample_manifest))
@@ -60,9 +70,17 @@ def test_interrupted_finetune_resumes_from_last_checkpoint(tiny_bert, sample_man
     assert resumed["step"] == ref["step"]
     # same seed, same batches, restored optimizer/scheduler/RNG: the resumed run ends where the uninterrupted one does
     assert [h["dev_wf1"] for h in resumed["history"]] == [h["dev_wf1"] for h in ref["history"]]
-    a = torch.load(tmp_path / "ref/last/classifier.pt", weights_only=False)["classifier"]
-    b = torch.load(tmp_path / "ckpt/last/classifier.pt", weights_only=False)["classifier"]
+    a = load_file(tmp_path / "ref/last/classifier.safetensors")
+    b = load_file(tmp_path / "ckpt/last/classifier.safetensors")
+    assert set(a) == {"weight", "bias"}
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+    # the encoder and the optimizer state end identical too (bit for bit: same steps on the same batches)
+    for f in ("encoder/model.safetensors", "training_state.safetensors"):
+        a, b = load_file(tmp_path / "ref/last" / f), load_file(tmp_path / "ckpt/last" / f)
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (f, k)
+    assert json.loads((tmp_path / "ref/last/training_state.json").read_text())["state"]["step"] == ref["step"]
     # another config does not resume from these checkpoints
     assert not TextFinetuner(sample_manifest, params(tiny_bert, epochs=3), tmp_path / "ckpt").resumable()

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from pipeline.encoders import Encoder, extract, register
-from pipeline.store import FeatureStore, StoreError
+from pipeline.encoders import Encoder, register
+from pipeline.extract import extract
+from pipeline.store import FeatureStore, MediaStore, StoreError, what_to_do
 
 
 @dataclass
@@ -84,7 +86,7 @@ def test_sigkill_half_way_then_resume(sample_manifest, tmp_path):
         import sys, json
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
         from test_store import CountingEncoder, CountingConfig
-        from pipeline.encoders import extract
+        from pipeline.extract import extract
         from pipeline.manifest import Manifest
         m = Manifest.load({str(tmp_path / 'manifest')!r})
         CountingEncoder.sleep = float(sys.argv[1])
@@ -122,3 +124,27 @@ def test_reading_by_split_and_dialogue(sample_manifest, tmp_path):
             s.pooled(["nope"])
     with pytest.raises(StoreError, match="store not found"):
         FeatureStore(tmp_path / "absent.h5")
+
+
+def test_what_to_do_names_the_dvc_output_and_the_stage(tmp_path):
+    assert what_to_do("data/media/meld.h5") == ("re-pull it with `dvc pull data/media/meld.h5`, or delete "
+                                                "data/media/meld.h5 and re-run `dvc repro decode@meld`")
+    assert "`dvc repro extract@meld-wavlm`" in what_to_do("data/features/meld/wavlm.h5")
+    (tmp_path / "models/meld/teacher").mkdir(parents=True)   # a teacher store: its stage is finetune_text
+    assert "`dvc repro finetune_text@meld-teacher`" in what_to_do(tmp_path / "data/features/meld/teacher.h5")
+    assert "`dvc repro train@meld-matav`" in what_to_do("models/meld/matav.safetensors")
+    hint = what_to_do("models/meld/teacher/best/classifier.safetensors", delete="models/meld/teacher/best")
+    assert hint == ("re-pull it with `dvc pull models/meld/teacher`, or delete models/meld/teacher/best and re-run "
+                    "`dvc repro finetune_text@meld-teacher`")
+
+
+def test_a_store_missing_an_utterance_names_the_file(sample_manifest, sample_media, tmp_path):
+    run(sample_manifest, tmp_path / "f.h5")
+    with FeatureStore(tmp_path / "f.h5") as s:
+        s.require(sample_manifest.utt_ids)
+        with pytest.raises(StoreError, match=r"f\.h5: 1 of the manifest's utterance\(s\) not in the store"):
+            s.require(sample_manifest.utt_ids + ["nope"])
+    with MediaStore(sample_media) as s:   # an encoder reading media of an utterance the store lacks
+        assert len(s.audio(sample_manifest.utt_ids[0])) > 0
+        with pytest.raises(StoreError, match=re.escape(str(sample_media)) + r": .* e\.g\. \['nope'\]"):
+            s.frames("nope")
