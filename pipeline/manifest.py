@@ -2,6 +2,11 @@
 
 A manifest lives in a folder: `manifest.csv` (the rows) and `meta.json` (dataset name, media root, label
 order, dimensional columns). Row order is the index every store follows.
+
+Media paths (`video`, `audio`) are relative to the dataset root and must stay inside it once `..` and
+symlinks are resolved (DESIGN.md, "Trust boundary"): `resolve_media_path` is the one rule, checked for every
+row whenever a manifest is built or loaded, unless the dataset sets `allow_outside_root`. A manifest without
+a root (a text-only dataset) may not name media files; an empty media value means the utterance has none.
 """
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import UserError
+
 SPLITS = ("train", "dev", "test")
+MEDIA_COLUMNS = ("video", "audio")
 DIMENSIONS = ("valence", "arousal", "expectancy", "power")
 COLUMNS = {
     # name: (dtype, required)
@@ -36,16 +44,74 @@ COLUMNS = {
 }
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     pass
 
 
 @dataclass
 class ManifestMeta:
     dataset: str
-    root: str
+    root: str | None                                       # media paths are relative to it; None: no media
     labels: list[str] = field(default_factory=list)        # categorical label order (class index)
     dimensions: list[str] = field(default_factory=list)    # dimensional columns present
+    allow_outside_root: bool = False                       # media paths may leave `root` (data.<name>.allow_outside_root)
+    unlabelled: bool = False                               # no targets at all: a conversation to predict
+
+
+class OutsideRootError(ManifestError):
+    pass
+
+
+def resolve_media_path(root: str | Path | None, rel: str, allow_outside: bool = False,
+                       _real: dict[str, str] | None = None) -> Path:
+    """The file a media path names: `root / rel` with `..` and symlinks resolved (as `Path.resolve`). Refused
+    (`OutsideRootError`) when it leaves the resolved root (`../x.mp4`, an absolute path elsewhere, a symlink
+    pointing out), unless `allow_outside`; a `ManifestError` when there is no root to resolve against.
+    `_real` caches resolved folders across the calls of one check (a dataset has few folders, many files)."""
+    if not root:
+        raise ManifestError(f"{rel!r} needs a dataset root to resolve against, and the dataset has none")
+    root, cache = str(root), {} if _real is None else _real
+    full = os.path.join(root, rel)             # an absolute `rel` replaces the root, as with pathlib
+    folder, name = os.path.split(full)
+    if name in ("", ".", "..") or os.path.islink(full):
+        real = os.path.realpath(full)
+    else:                                      # the same as realpath(full): the file itself is no symlink
+        if folder not in cache:
+            cache[folder] = os.path.realpath(folder)
+        real = os.path.join(cache[folder], name)
+    if not allow_outside:
+        if root not in cache:
+            cache[root] = os.path.realpath(root)
+        base = cache[root]
+        if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+            raise OutsideRootError(f"{rel!r} resolves to {real}, outside the dataset root {root}")
+    return Path(real)
+
+
+def check_media_paths(df: pd.DataFrame, meta: ManifestMeta) -> None:
+    """Every media path of `df` stays inside `meta.root` (see `resolve_media_path`), or a `ManifestError`
+    naming the row (counted from 1 in the table's order, header not counted), its utt_id, column and path."""
+    seen: dict[str, str | None] = {}       # path -> why it is refused (None: fine)
+    real: dict[str, str] = {}
+    bad = []
+    for col in [c for c in MEDIA_COLUMNS if c in df.columns]:
+        for row, (utt, rel) in enumerate(zip(df["utt_id"], df[col]), start=1):
+            if not rel:
+                continue
+            if rel not in seen:
+                try:
+                    resolve_media_path(meta.root, rel, meta.allow_outside_root, real)
+                    seen[rel] = None
+                except ManifestError as e:
+                    seen[rel] = str(e)
+            if seen[rel] is not None:
+                bad.append(f"row {row} (utt_id {utt}): {col} path {seen[rel]}")
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        fix = (f"set data.{meta.dataset}.root to the folder media paths are relative to" if not meta.root else
+               f"media paths must stay inside the dataset root; set data.{meta.dataset}.allow_outside_root: true "
+               "only for a manifest you trust")
+        raise ManifestError(f"manifest of '{meta.dataset}': {'; '.join(bad[:3])}{more}. {fix}")
 
 
 def _bad_rows(df: pd.DataFrame, mask, what: str) -> str:
@@ -85,6 +151,7 @@ class Manifest:
                     raise ManifestError(f"manifest of '{meta.dataset}': column '{col}' must be integer ({e})")
             else:
                 df[col] = pd.to_numeric(df[col], errors="coerce").astype(np.float64)
+        check_media_paths(df, meta)
         dup = df["utt_id"].duplicated(keep=False)
         if dup.any():
             raise ManifestError(_bad_rows(df, dup, "duplicate utt_id"))
@@ -100,7 +167,7 @@ class Manifest:
         if mixed.any():
             raise ManifestError(f"dialogues spanning several splits: {mixed[mixed].index.tolist()[:10]}")
         has_dims = [d for d in DIMENSIONS if d in df.columns]
-        if "label" not in df.columns and not has_dims:
+        if "label" not in df.columns and not has_dims and not meta.unlabelled:
             raise ManifestError(f"manifest of '{meta.dataset}' has neither 'label' nor dimensional columns")
         if "label" in df.columns and meta.labels:
             unknown_label = ~df["label"].isin(meta.labels)
@@ -149,7 +216,8 @@ class Manifest:
         return self.rows["label"].map(lambda s: lookup.get(s, -1)).to_numpy(dtype=np.int64)
 
     def media_path(self, rel: str) -> Path:
-        return Path(self.meta.root) / rel
+        """The file a media path of this manifest names (resolved; refused outside the root, see above)."""
+        return resolve_media_path(self.meta.root, rel, self.meta.allow_outside_root)
 
     # -- files ------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:

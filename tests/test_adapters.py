@@ -48,8 +48,24 @@ def test_meld_fixture(tmp_path):
     assert m.meta.labels == ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
     # dev dia0 and train dia0 are different dialogues
     assert len(m.dialogues()) == 4
-    missing = {(p.utt_id, p.problem) for p in problems}
-    assert missing == {("meld_test_dia3_utt0", "video file missing"), ("meld_test_dia3_utt0", "audio file missing")}
+    # one mp4 holds video and audio: reported once
+    assert [(p.utt_id, p.problem) for p in problems] == [("meld_test_dia3_utt0", "video and audio file missing")]
+
+
+def test_meld_csvs_alone_are_text_only(tmp_path):
+    """csv_dir without root: media absent (no media columns, nothing reported); with a root whose clip folders
+    are missing, every clip is still reported missing."""
+    write_meld(tmp_path)
+    m, problems = build_manifest("meld", DatasetParams(adapter="meld", root=None, csv_dir=str(tmp_path)))
+    assert len(m) == 5 and problems == [] and m.meta.root is None
+    assert "video" not in m.rows.columns and "audio" not in m.rows.columns
+    empty = tmp_path / "no_clips"
+    empty.mkdir()
+    m, problems = build_manifest("meld", DatasetParams(adapter="meld", root=str(empty), csv_dir=str(tmp_path)))
+    assert len(problems) == len(m) == 5
+    assert all(p.problem == "video and audio file missing" for p in problems)
+    with pytest.raises(ManifestError, match="needs 'root'.*or 'csv_dir'"):
+        build_manifest("meld", DatasetParams(adapter="meld", root=None))
 
 
 def test_meld_bad_timestamp_names_the_row(tmp_path):
@@ -66,7 +82,7 @@ def test_meld_real_csvs(tmp_path):
     counts = m.rows["split"].value_counts().to_dict()
     assert counts == {"train": 9989, "dev": 1109}
     assert m.rows.groupby("split")["dialogue_id"].nunique().to_dict() == {"train": 1038, "dev": 114}
-    assert len(problems) == 2 * len(m)  # no clips under tmp_path: every one reported, none dropped
+    assert len(problems) == len(m)  # no clips under tmp_path: every one reported (once), none dropped
     assert m.speaker_index().max() < 10
 
 

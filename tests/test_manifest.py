@@ -61,3 +61,61 @@ def test_save_load_roundtrip(tmp_path):
     back = Manifest.load(tmp_path)
     pd.testing.assert_frame_equal(m.rows, back.rows)
     assert back.rows["text"].tolist()[:2] == ["\u201cquoted\u201d, yes", ""]
+
+
+# -- media paths stay inside their root ------------------------------------------------------------------
+
+def media_rows(tmp_path, video):
+    root = tmp_path / "root"
+    (root / "clips").mkdir(parents=True, exist_ok=True)
+    (root / "clips" / "ok.mp4").write_bytes(b"")
+    return root, rows(video=["clips/ok.mp4", video, "clips/ok.mp4", ""], audio="")
+
+
+@pytest.mark.parametrize("video", ["../x.mp4", "/etc/passwd", "clips/../../x.mp4", "link/out.mp4", "clips/evil.mp4"])
+def test_media_path_outside_the_root_is_refused(tmp_path, video):
+    from pipeline.manifest import OutsideRootError, resolve_media_path
+
+    root, df = media_rows(tmp_path, video)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)         # a folder symlink pointing out
+    (root / "clips" / "evil.mp4").symlink_to(tmp_path / "secret.mp4")     # a file symlink pointing out
+    meta = ManifestMeta(dataset="x", root=str(root), labels=["joy", "sad"])
+    with pytest.raises(ManifestError, match=rf"row 2 \(utt_id u1\): video path '{video}' resolves to .*outside the "
+                                            r"dataset root .*allow_outside_root"):
+        Manifest(df, meta)
+    with pytest.raises(OutsideRootError):
+        resolve_media_path(root, video)
+    # opted in: the same rows are read, and the path resolves where it points
+    m = Manifest(df, ManifestMeta(dataset="x", root=str(root), labels=["joy", "sad"], allow_outside_root=True))
+    rel = m.rows.set_index("utt_id").at["u1", "video"]
+    assert not m.media_path(rel).is_relative_to(root.resolve())
+
+
+def test_paths_inside_the_root_pass_and_a_loaded_manifest_is_checked_again(tmp_path):
+    root, df = media_rows(tmp_path, "clips/sub/../ok.mp4")
+    (root / "inner").symlink_to(root / "clips", target_is_directory=True)  # a symlink that stays inside
+    df.loc[3, "video"] = "inner/ok.mp4"
+    m = Manifest(df, ManifestMeta(dataset="x", root=str(root), labels=["joy", "sad"]))
+    assert m.media_path("inner/ok.mp4") == (root / "clips" / "ok.mp4").resolve()
+    m.save(tmp_path / "m")
+    assert Manifest.load(tmp_path / "m").utt_ids == m.utt_ids
+    # a manifest edited (or received) with a path that leaves the root is refused when it is loaded
+    csv = tmp_path / "m" / "manifest.csv"
+    csv.write_text(csv.read_text().replace("inner/ok.mp4", "../../etc/hosts"))
+    with pytest.raises(ManifestError, match=r"row \d \(utt_id u\d\): video path '../../etc/hosts'"):
+        Manifest.load(tmp_path / "m")
+
+
+def test_generic_adapter_refuses_and_opts_in(tmp_path):
+    from pipeline.datasets import build_manifest
+    from pipeline.params import DatasetParams
+
+    root, df = media_rows(tmp_path, "../outside.mp4")
+    df.drop(columns=["dataset"]).to_csv(tmp_path / "m.csv", index=False)
+    p = dict(adapter="generic", root=str(root), manifest=str(tmp_path / "m.csv"))
+    with pytest.raises(ManifestError, match=r"manifest of 'mine': row 2 \(utt_id u1\): video path '../outside.mp4'"):
+        build_manifest("mine", DatasetParams(**p))
+    m, problems = build_manifest("mine", DatasetParams(**p, allow_outside_root=True))
+    assert m.meta.allow_outside_root and [q.utt_id for q in problems] == ["u1"]   # read, and reported missing

@@ -62,12 +62,12 @@ def test_bad_media_is_masked_and_reported(tmp_path):
     p = DecodeParams(frames=4, size=16, max_clip_seconds=4.0, long_clip="trim", chunk_size=3)
     summary = decode_dataset(m, tmp_path / "media.h5", p)
     by = {(q["utt_id"], q["modality"]): q for q in summary["problems"]}
-    assert by[("corrupt", "video")]["problem"].startswith("unreadable video")
-    assert by[("corrupt", "video")]["file"].endswith("corrupt.mp4")
+    assert by[("corrupt", "visual")]["problem"].startswith("unreadable video")
+    assert by[("corrupt", "visual")]["file"].endswith("corrupt.mp4")
     assert by[("missing", "audio")]["problem"] == "audio file missing"
     assert by[("notrack", "audio")]["problem"] == "no audio track"
-    assert ("notrack", "video") not in by
-    assert by[("long", "audio")]["action"] == "trimmed" and by[("long", "video")]["action"] == "trimmed"
+    assert ("notrack", "visual") not in by
+    assert by[("long", "audio")]["action"] == "trimmed" and by[("long", "visual")]["action"] == "trimmed"
     with MediaStore(tmp_path / "media.h5") as s:
         av = dict(zip(s.utt_ids, s.fixed("audio_valid")))
         vv = dict(zip(s.utt_ids, s.fixed("video_valid")))
@@ -88,7 +88,7 @@ def test_long_clip_mask_policy(tmp_path):
     summary = decode_dataset(m, tmp_path / "media.h5", DecodeParams(frames=2, size=16, max_clip_seconds=4.0,
                                                                     long_clip="mask"))
     assert {(q["utt_id"], q["modality"]) for q in summary["problems"] if q["utt_id"] == "long"} == \
-        {("long", "audio"), ("long", "video")}
+        {("long", "audio"), ("long", "visual")}
     assert all(q["action"] == "masked" for q in summary["problems"] if q["utt_id"] == "long")
 
 

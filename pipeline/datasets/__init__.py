@@ -1,21 +1,9 @@
 """Dataset adapters: each turns a dataset on disk into a Manifest plus a list of problems found."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pipeline.manifest import Manifest
+from pipeline.problems import Problem  # noqa: F401  (the adapters' problem record)
 from pipeline.params import DatasetParams
-
-
-@dataclass
-class Problem:
-    """Something wrong with one utterance's input, reported by a stage and written to its summary."""
-    utt_id: str
-    file: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.utt_id}: {self.problem} ({self.file})"
 
 
 def build_manifest(name: str, params: DatasetParams) -> tuple[Manifest, list[Problem]]:

@@ -49,6 +49,8 @@ def read_transcription(path: Path) -> dict[str, str]:
 
 
 def build(name: str, params: DatasetParams):
+    if not params.root:
+        raise ManifestError(f"data.{name}: the IEMOCAP adapter needs 'root' (the IEMOCAP_full_release folder)")
     root = Path(params.root)
     sessions = sorted(root.glob("Session[1-5]"))
     if not sessions:
@@ -87,6 +89,7 @@ def build(name: str, params: DatasetParams):
     dev = set(rng.permutation(train_dialogues)[:n_dev].tolist())
     df.loc[df["dialogue_id"].isin(dev), "split"] = "dev"
     meta = ManifestMeta(dataset=name, root=str(root), labels=params.labels or LABELS,
-                        dimensions=["valence", "arousal", "power"])
+                        dimensions=["valence", "arousal", "power"],
+                        allow_outside_root=params.allow_outside_root)
     manifest = Manifest(df, meta)
     return manifest, missing_media(manifest.rows, root)

@@ -1,8 +1,12 @@
 """MELD adapter: the official `{train,dev,test}_sent_emo.csv` files and the MELD.Raw clip layout.
 
 Clips: `train_splits/dia{D}_utt{U}.mp4`, `dev_splits_complete/dia{D}_utt{U}.mp4`,
-`output_repeated_splits_test/dia{D}_utt{U}.mp4` under `root`. Clips that are missing are reported (they
-stay in the manifest; the decode stage masks them or stops, per `decode.on_bad_media`).
+`output_repeated_splits_test/dia{D}_utt{U}.mp4` under `root`. Clips that are missing are reported, once per
+utterance (they stay in the manifest; the decode stage masks them or stops, per `decode.on_bad_media`).
+
+With `csv_dir` and no `root` the dataset is the transcripts alone: the manifest has no media columns, so its
+media are absent rather than missing and nothing is reported. With a `root` the clips are expected there, and
+a root without its clip folders reports every clip missing.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ def parse_timestamp(value: str) -> float:
     return int(h) * 3600 + int(mi) * 60 + int(s) + int(ms.ljust(3, "0")) / 1000
 
 
-def read_split(path: Path, split: str) -> pd.DataFrame:
+def read_split(path: Path, split: str, media: bool = True) -> pd.DataFrame:
+    """One official CSV as manifest rows; `media`: with the clip path as `video` and `audio`."""
     raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     need = ["Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID", "StartTime", "EndTime"]
     lacking = [c for c in need if c not in raw.columns]
@@ -50,18 +55,23 @@ def read_split(path: Path, split: str) -> pd.DataFrame:
             "utt_id": f"meld_{split}_dia{d}_utt{u}", "dataset": "meld", "split": split,
             "dialogue_id": f"{split}_dia{d}", "turn": int(u), "speaker": r["Speaker"].strip(),
             "text": unicodedata.normalize("NFC", r["Utterance"]).strip(), "label": r["Emotion"].strip().lower(),
-            "video": rel, "audio": rel,
+            **({"video": rel, "audio": rel} if media else {}),
         })
     return pd.DataFrame(rows)
 
 
 def build(name: str, params: DatasetParams):
-    csv_dir = Path(params.csv_dir or params.root)
-    frames = [read_split(csv_dir / f, s) for s, f in SPLIT_FILES.items() if (csv_dir / f).exists()]
+    root = params.root
+    if not (params.csv_dir or root):
+        raise ManifestError(f"data.{name}: the MELD adapter needs 'root' (MELD.Raw: the CSVs and clip folders) "
+                            "or 'csv_dir' alone (the CSVs: a text-only dataset)")
+    csv_dir = Path(params.csv_dir or root)
+    frames = [read_split(csv_dir / f, s, media=bool(root)) for s, f in SPLIT_FILES.items() if (csv_dir / f).exists()]
     if not frames:
         raise ManifestError(f"data.{name}: no MELD CSV ({', '.join(SPLIT_FILES.values())}) in {csv_dir}")
     df = pd.concat(frames, ignore_index=True)
     df["dataset"] = name
-    meta = ManifestMeta(dataset=name, root=str(params.root), labels=params.labels or LABELS)
+    meta = ManifestMeta(dataset=name, root=str(root) if root else None, labels=params.labels or LABELS,
+                        allow_outside_root=params.allow_outside_root)
     manifest = Manifest(df, meta)
-    return manifest, missing_media(manifest.rows, Path(params.root))
+    return manifest, missing_media(manifest.rows, meta.root)

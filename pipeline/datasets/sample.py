@@ -94,7 +94,10 @@ def generate(out_dir: str | Path, p: SampleParams) -> Path:
 def build(name: str, params: DatasetParams):
     """The sample's adapter: its JSONL is a generic manifest with a fixed label order."""
     from pipeline.datasets import generic
+    from pipeline.manifest import ManifestError
 
+    if not (params.manifest or params.root):
+        raise ManifestError(f"data.{name}: the sample adapter needs 'root' (the folder make_sample writes)")
     params = DatasetParams(**{**params.__dict__, "manifest": params.manifest or str(Path(params.root) / "transcripts.jsonl"),
                               "labels": params.labels or LABELS})
     return generic.build(name, params, drop_columns=("cues",))
