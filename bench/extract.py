@@ -1,7 +1,7 @@
 """Extraction speed: the pipeline's path against a naive loop, same model, same machine, same run.
 
 The naive loop is how the papers' public code extracts features: one utterance at a time, fp32, no length
-sorting. The pipeline's path is `pipeline.encoders.extract` (length-sorted batches, inference_mode, bf16
+sorting. The pipeline's path is `pipeline.extract.extract` (length-sorted batches, inference_mode, bf16
 autocast on CUDA, chunked HDF5 writes); on the CPU it runs twice, in float32 and with `quantize: int8`
 (dynamic int8 Linear layers), and the int8 features' agreement with the float32 ones is printed as the
 lowest cosine similarity over the utterances. Models are random-init at real size (bert-base, roberta-base,
@@ -27,7 +27,9 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.encoders import build_encoder, extract, resolve_weights  # noqa: E402
+from pipeline.encoders import build_encoder
+from pipeline.extract import extract
+from pipeline.runtime import resolve_weights
 from pipeline.manifest import Manifest, ManifestMeta  # noqa: E402
 from pipeline.media import decode_dataset  # noqa: E402
 from pipeline.params import DecodeParams  # noqa: E402

@@ -17,7 +17,8 @@ from sklearn.linear_model import LogisticRegression
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meld_csvs import MELD, meld_manifest  # noqa: E402
-from pipeline.encoders import build_encoder, extract  # noqa: E402
+from pipeline.encoders import build_encoder
+from pipeline.extract import extract
 from pipeline.finetune import FinetuneParams, TextFinetuner  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402

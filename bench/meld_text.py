@@ -24,7 +24,8 @@ from meld_csvs import MELD, meld_manifest  # noqa: E402
 from heads import build_head  # noqa: E402
 from heads.data import CachedDialogues  # noqa: E402
 from heads.trainer import seed_everything, train_head  # noqa: E402
-from pipeline.encoders import build_encoder, extract  # noqa: E402
+from pipeline.encoders import build_encoder
+from pipeline.extract import extract
 from pipeline.metrics import classification_metrics  # noqa: E402
 from pipeline.params import TrainerParams  # noqa: E402
 

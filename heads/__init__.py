@@ -5,6 +5,7 @@ one value per dimension for dimensional targets) and owns its loss.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,17 +23,58 @@ def register(name: str):
     return deco
 
 
+CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse")
+
+
+def class_weights(counts: np.ndarray, scheme: str) -> np.ndarray | None:
+    """Per-class CE weights from the train split's label counts: `inverse` w_c ∝ 1 / n_c, `sqrt_inverse`
+    w_c ∝ 1 / sqrt(n_c), scaled so that the average weight over the training utterances is 1 (the loss keeps
+    its scale, so the learning rate means the same). A class absent from train gets weight 0."""
+    if scheme == "none":
+        return None
+    if scheme not in CLASS_WEIGHTS:
+        raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, not {scheme!r}")
+    counts = np.asarray(counts, np.float64)
+    w = np.where(counts > 0, 1.0 / np.maximum(counts, 1) ** (1.0 if scheme == "inverse" else 0.5), 0.0)
+    return (w * counts.sum() / (w * counts).sum()).astype(np.float32)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, weight: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Focal loss (Lin et al., 2017, arXiv:1708.02002): mean of -w_y (1 - p_y)^gamma log p_y over the
+    labelled rows (target != IGNORE), normalised by the sum of their weights as weighted CE is; gamma 0 is CE."""
+    keep = target != IGNORE
+    logits, target = logits[keep], target[keep]
+    if not len(target):
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+    w = weight[target] if weight is not None else torch.ones_like(log_p)
+    return -(w * (1 - log_p.exp()) ** gamma * log_p).sum() / w.sum().clamp(min=1e-12)
+
+
 class ERCHead(nn.Module):
-    """Base: `forward(batch) -> outputs [B, L, n_out]`; `loss(batch, outputs)` is CE or MSE by task."""
+    """Base: `forward(batch) -> outputs [B, L, n_out]`; `loss(batch, outputs)` is CE or MSE by task.
+
+    The categorical task loss may be class-weighted and focal (`set_task_loss`, from the trainer params);
+    the papers' own terms (TelME's distillation, MaTAV's MEC) are added to it unchanged."""
 
     def __init__(self, dims: dict[str, int], n_out: int, task: str):
         super().__init__()
         self.dims, self.n_out, self.task = dims, n_out, task
         self.modalities = list(dims)
+        self.register_buffer("ce_weight", None, persistent=False)
+        self.focal_gamma = 0.0
+
+    def set_task_loss(self, weight: np.ndarray | None = None, focal_gamma: float = 0.0) -> None:
+        self.ce_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        self.focal_gamma = float(focal_gamma)
 
     def task_loss(self, batch: DialogueBatch, out: torch.Tensor) -> torch.Tensor:
         if self.task == "categorical":
-            return F.cross_entropy(out.reshape(-1, out.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE)
+            logits, target = out.reshape(-1, out.shape[-1]), batch.labels.reshape(-1)
+            if self.focal_gamma:
+                return focal_loss(logits, target, self.focal_gamma, self.ce_weight)
+            return F.cross_entropy(logits, target, weight=self.ce_weight, ignore_index=IGNORE)
         target = batch.dims
         ok = torch.isfinite(target) & batch.mask[..., None]
         # select before the loss: NaN * 0 is still NaN in the gradient

@@ -45,15 +45,19 @@ class DialogueBatch:
 
 
 class CachedDialogues:
-    """All rows of a manifest with the pooled features of each modality's store, held in memory."""
+    """All rows of a manifest with the pooled features of each modality's store, held in memory.
 
-    def __init__(self, manifest: Manifest, stores: dict[str, str], normalize: bool = True):
+    Features are standardised per dimension with the train split's valid rows (`stats[m]` = (mean, std)), or
+    with given `stats` — a trained model's own, so that new data is scaled exactly as its training data was."""
+
+    def __init__(self, manifest: Manifest, stores: dict[str, str], normalize: bool = True,
+                 stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         self.manifest = manifest
         self.modalities = list(stores)
         self.labels = manifest.meta.labels
         self.dim_names = manifest.meta.dimensions
         ids = manifest.utt_ids
-        self.features, self.valid, self.extra, self.provenance = {}, {}, {}, {}
+        self.features, self.valid, self.extra, self.provenance, self.stats = {}, {}, {}, {}, {}
         train = (manifest.rows["split"] == "train").to_numpy()
         for m, path in stores.items():
             with FeatureStore(path) as store:
@@ -67,9 +71,16 @@ class CachedDialogues:
                 ok &= ~bad
                 x[bad] = 0.0
             if normalize:
-                ref = x[train & ok] if (train & ok).any() else x[ok]
-                mean, std = ref.mean(0), ref.std(0)
-                x = np.where(ok[:, None], (x - mean) / np.where(std > 1e-6, std, 1.0), 0.0).astype(np.float32)
+                if stats is not None:
+                    mean, std = (np.asarray(a, np.float32) for a in stats[m])
+                else:
+                    ref = x[train & ok] if (train & ok).any() else x[ok]
+                    mean, std = ref.mean(0), np.where(ref.std(0) > 1e-6, ref.std(0), 1.0).astype(np.float32)
+                if mean.shape != x.shape[1:]:
+                    raise ValueError(f"{path}: {x.shape[1]}-d features, but the model was trained on "
+                                     f"{mean.shape[0]}-d ones for {m}")
+                self.stats[m] = (mean, std)
+                x = np.where(ok[:, None], (x - mean) / std, 0.0).astype(np.float32)
             self.features[m], self.valid[m] = x, ok
             if logits is not None:
                 self.extra[f"{m}_logits"] = logits.astype(np.float32)

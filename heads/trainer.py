@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from heads import ERCHead
+from heads import ERCHead, class_weights
 from heads.data import CachedDialogues
-from pipeline.encoders import resolve_device
 from pipeline.metrics import classification_metrics, regression_metrics
 from pipeline.params import TrainerParams
+from pipeline.runtime import resolve_device
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TrainResult:
     best_state: dict
     curves: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)           # {"dev": {...}, "test": {...}}
-    predictions: dict = field(default_factory=dict)       # split -> (rows, predictions)
+    predictions: dict = field(default_factory=dict)       # split -> (manifest rows, raw outputs [n, C])
     seconds_per_epoch: float = 0.0
 
 
@@ -52,14 +52,13 @@ def predict(head: ERCHead, data: CachedDialogues, split: str, batch_dialogues: i
 
 
 def evaluate(head: ERCHead, data: CachedDialogues, split: str, batch_dialogues: int, device) -> tuple[dict, tuple]:
+    """(metrics, (manifest rows, raw outputs [n, C])) of `split`; unlabelled rows are not scored."""
     rows, out = predict(head, data, split, batch_dialogues, device)
     if head.task == "categorical":
         y = data.label_ids[rows]
-        keep = y >= 0   # unlabelled rows (-1) are not scored
-        metrics = classification_metrics(y[keep], out[keep].argmax(1), data.labels)
-        return metrics, (rows, out.argmax(1))
-    metrics = regression_metrics(data.dim_values[rows], out, data.dim_names)
-    return metrics, (rows, out)
+        keep = y >= 0
+        return classification_metrics(y[keep], out[keep].argmax(1), data.labels), (rows, out)
+    return regression_metrics(data.dim_values[rows], out, data.dim_names), (rows, out)
 
 
 def selection_score(head: ERCHead, metrics: dict) -> float:
@@ -70,6 +69,10 @@ def train_head(head: ERCHead, data: CachedDialogues, p: TrainerParams, log=print
     seed_everything(p.seed)
     device = resolve_device(p.device)
     head.prepare(data)
+    if head.task == "categorical":
+        y = data.label_ids[(data.manifest.rows["split"] == "train").to_numpy()]
+        counts = np.bincount(y[y >= 0], minlength=len(data.labels))
+        head.set_task_loss(class_weights(counts, p.class_weights), p.focal_gamma)
     head.to(device)
     if not data.dialogues("dev"):
         raise ValueError("the manifest has no dev split: early stopping needs one (never select on test)")

@@ -1,14 +1,16 @@
 """Stage decode: manifest -> media store (data/media/<dataset>.h5) + summary of bad media."""
 import argparse
 import json
+import logging
 from pathlib import Path
 
-from tqdm import tqdm
-
+from pipeline.logs import progress, run_stage
 from pipeline.manifest import Manifest
 from pipeline.media import decode_dataset
 from pipeline.params import load_params
 from pipeline.store import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None):
@@ -19,14 +21,18 @@ def main(argv=None):
     params = load_params(args.params)
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
     out = Path(f"data/media/{args.dataset}.h5")
-    with tqdm(total=len(manifest), desc=f"decode {args.dataset}", unit="utt") as bar:
+    with progress(total=len(manifest), desc=f"decode {args.dataset}", unit="utt") as bar:
         summary = decode_dataset(manifest, out, params.decode, progress=bar)
     atomic_write_text(out.with_suffix(".summary.json"), json.dumps(summary, indent=1))
-    print(f"{out}: {summary['utterances']} utterances, masked audio {summary['masked_audio']}, "
-          f"masked video {summary['masked_video']}, trimmed {summary['trimmed']}")
+    log.info(f"{out}: {summary['utterances']} utterances read with {summary['reader']}, masked audio "
+          f"{summary['masked_audio']}, masked video {summary['masked_video']}, trimmed {summary['trimmed']}")
+    if summary["text_only"]:
+        log.info("  text only: no utterance names a media file; the store holds no audio and no frames")
+    elif summary["absent_audio"] or summary["absent_video"]:
+        log.info(f"  without media (not a problem): audio {summary['absent_audio']}, video {summary['absent_video']}")
     for q in summary["problems"][:20]:
-        print(f"  {q['action']}: {q['utt_id']}: {q['problem']} ({q['file']})")
+        log.info(f"  {q['action']}: {q['utt_id']}: {q['problem']} ({q['file']})")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

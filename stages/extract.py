@@ -1,14 +1,17 @@
 """Stage extract: run one encoder once over a dataset -> feature store (data/features/<dataset>/<encoder>.h5)."""
 import argparse
 import json
+import logging
 from pathlib import Path
 
-from tqdm import tqdm
-
-from pipeline.encoders import build_encoder, extract
+from pipeline.encoders import build_encoder
+from pipeline.extract import extract
+from pipeline.logs import progress, run_stage
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError, load_params
 from pipeline.store import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None):
@@ -24,12 +27,12 @@ def main(argv=None):
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
     encoder = build_encoder(args.encoder, params.encoders[args.encoder])
     out = Path(f"data/features/{args.dataset}/{args.encoder}.h5")
-    with tqdm(total=len(manifest), desc=f"{args.encoder} {args.dataset}", unit="utt") as bar:
+    with progress(total=len(manifest), desc=f"{args.encoder} {args.dataset}", unit="utt") as bar:
         summary = extract(manifest, encoder, out, f"data/media/{args.dataset}.h5", args.chunk_size, bar)
     atomic_write_text(out.with_suffix(".summary.json"), json.dumps(summary, indent=1))
-    print(f"{out}: {summary['utterances']} utterances, {summary['chunks_computed']} chunk(s) computed now, "
+    log.info(f"{out}: {summary['utterances']} utterances, {summary['chunks_computed']} chunk(s) computed now, "
           f"{summary.get('masked', 0)} masked")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,14 +1,19 @@
 """Stage finetune_text: fine-tune a text teacher once on a dataset, then write its teacher store
 (data/features/<dataset>/<teacher>.h5: pooled features + logits) and keep the best checkpoint
-(models/<dataset>/<teacher>/best, with the tokenizer and its added speaker tokens)."""
+(models/<dataset>/<teacher>/best, with the tokenizer and its added speaker tokens; safetensors + JSON,
+layout in pipeline/finetune.py)."""
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from pipeline.finetune import FinetuneParams, TextFinetuner, write_teacher_store
+from pipeline.logs import run_stage
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError, from_dict, load_params
 from pipeline.store import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None):
@@ -31,8 +36,8 @@ def main(argv=None):
               "steps": state["step"], "train_seconds": round(state.get("seconds", 0.0), 1),
               "store": str(out), "history": state["history"]}
     atomic_write_text(out.with_suffix(".summary.json"), json.dumps({**summary, "finetune": report}, indent=1))
-    print(f"{args.teacher} on {args.dataset}: best epoch {state['best_epoch']}, dev WF1 {dev['wf1']:.4f} -> {out}")
+    log.info(f"{args.teacher} on {args.dataset}: best epoch {state['best_epoch']}, dev WF1 {dev['wf1']:.4f} -> {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

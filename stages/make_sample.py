@@ -1,10 +1,14 @@
 """Stage make_sample: write the bundled synthetic dataset (clips + transcripts) from params `sample`."""
 import argparse
+import logging
 import shutil
 from pathlib import Path
 
 from pipeline.datasets.sample import generate
+from pipeline.logs import run_stage
 from pipeline.params import load_params
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None):
@@ -12,12 +16,13 @@ def main(argv=None):
     ap.add_argument("--out", default="data/raw/sample")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
+    params = load_params(args.params)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    path = generate(out, load_params(args.params).sample)
-    print(f"sample written: {path}")
+    path = generate(out, params.sample)
+    log.info(f"sample written: {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,9 +1,13 @@
 """Stage report: one comparison table (markdown + JSON) of every trained head on the same cached features."""
 import argparse
 import json
+import logging
 from pathlib import Path
 
+from pipeline.logs import run_stage
 from pipeline.store import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None):
@@ -23,8 +27,8 @@ def main(argv=None):
     out = Path(args.out)
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "report.json", json.dumps(rows, indent=1))
-    print("\n".join(lines))
+    log.info("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

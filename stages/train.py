@@ -1,18 +1,23 @@
-"""Stage train: one head on one dataset's cached features -> model, metrics JSON, curves, confusion plot."""
+"""Stage train: one head on one dataset's cached features -> model bundle (models/<dataset>/<head>.safetensors:
+heads/bundle.py), metrics JSON, curves, confusion plot, dev and test predictions with class probabilities."""
 import argparse
-import csv
 import json
+import logging
 from pathlib import Path
 
-import torch
+import numpy as np
+import pandas as pd
 
-from heads import build_head
+from ercflow.check import load_checked_params
 from heads.data import CachedDialogues
-from heads.trainer import seed_everything, train_head
+from heads.fit import fit_head, save_trained_head
+from pipeline.logs import run_stage
 from pipeline.manifest import Manifest
-from pipeline.metrics import plot_confusion
-from pipeline.params import ParamsError, load_params
+from pipeline.metrics import plot_confusion, prediction_table
+from pipeline.params import ParamsError
 from pipeline.store import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def feature_stores(params, dataset: str, head: str) -> dict[str, str]:
@@ -30,22 +35,14 @@ def main(argv=None):
     ap.add_argument("--head", required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    params = load_params(args.params)
+    params = load_checked_params(args.params)   # head options too: it builds a head
     hp = params.head(args.head)
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
-    data = CachedDialogues(manifest, feature_stores(params, args.dataset, args.head))
-    n_out = len(manifest.meta.labels) if hp.task == "categorical" else len(manifest.meta.dimensions)
-    trainer = params.trainer_for(args.head)
-    seed_everything(trainer.seed)   # the head's initial weights come from the seed too, not only the batches
-    head = build_head(hp.head, {m: data.dim(m) for m in hp.modalities}, n_out, hp.task, hp.options)
-    result = train_head(head, data, trainer)
-
-    model_path = Path(f"models/{args.dataset}/{args.head}.pt")
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": result.best_state, "head": hp.head, "options": hp.options, "task": hp.task,
-                "modalities": hp.modalities, "labels": manifest.meta.labels, "features": data.provenance},
-               model_path.with_suffix(".tmp"))
-    model_path.with_suffix(".tmp").replace(model_path)
+    stores = feature_stores(params, args.dataset, args.head)
+    data = CachedDialogues(manifest, stores)
+    head, result = fit_head(hp, params.trainer_for(args.head), data, log=log.info)
+    save_trained_head(f"models/{args.dataset}/{args.head}.safetensors", args.head, hp, head, result, data, stores,
+                      f"data/media/{args.dataset}.h5", dataset=args.dataset)
 
     out = Path(f"results/{args.dataset}/{args.head}")
     out.mkdir(parents=True, exist_ok=True)
@@ -54,24 +51,19 @@ def main(argv=None):
     for split, m in result.metrics.items():
         summary[split] = {k: v for k, v in m.items() if k != "confusion"}
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1))
-    with open(out / "curves.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result.curves[0]))
-        w.writeheader()
-        w.writerows(result.curves)
+    atomic_write_text(out / "curves.csv", pd.DataFrame(result.curves).to_csv(index=False))
     if hp.task == "categorical" and "test" in result.metrics:
         plot_confusion(result.metrics["test"]["confusion"], manifest.meta.labels, out / "confusion.png",
                        f"{args.head} on {args.dataset} (test)")
-    rows, preds = result.predictions.get("test", result.predictions["dev"])
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["utt_id", "prediction"])
-        for r, p in zip(rows, preds):
-            w.writerow([manifest.rows.at[int(r), "utt_id"],
-                        manifest.meta.labels[int(p)] if hp.task == "categorical" else json.dumps(p.tolist())])
+    for split in ("dev", "test"):
+        rows, raw = result.predictions.get(split, (np.zeros(0, np.int64), np.zeros((0, head.n_out))))
+        table = prediction_table(manifest.rows.loc[rows], raw, hp.task, manifest.meta.labels,
+                                 manifest.meta.dimensions)
+        atomic_write_text(out / f"predictions_{split}.csv", table.to_csv(index=False))
     test = result.metrics.get("test", {})
-    print(f"{args.head} on {args.dataset}: test " + json.dumps({k: test[k] for k in ("wf1", "accuracy", "mean_r")
+    log.info(f"{args.head} on {args.dataset}: test " + json.dumps({k: test[k] for k in ("wf1", "accuracy", "mean_r")
                                                                  if k in test}))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.encoders import build_encoder, extract
+from pipeline.encoders import build_encoder
+from pipeline.extract import extract
 from pipeline.store import FeatureStore
 
 

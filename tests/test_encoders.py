@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.encoders import build_encoder, extract
+from pipeline.encoders import build_encoder
+from pipeline.extract import extract
 from pipeline.manifest import Manifest, ManifestMeta
 from pipeline.store import FeatureStore
 
@@ -153,7 +154,7 @@ def test_unknown_encoder_kind_and_key():
 def test_oom_halves_the_batch_instead_of_failing():
     import torch
 
-    from pipeline.encoders import batched_with_oom_retry
+    from pipeline.runtime import batched_with_oom_retry
 
     seen = []
 

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoders import build_encoder, compute_precision, extract, quantize_linear_int8
+from pipeline.encoders import build_encoder
+from pipeline.extract import extract
+from pipeline.runtime import compute_precision, quantize_linear_int8
 from pipeline.params import ParamsError
 from pipeline.store import FeatureStore
 from tests.test_audio_encoders import save_tiny_speech_model

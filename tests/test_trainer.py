@@ -6,7 +6,8 @@ import torch
 from heads import build_head
 from heads.data import IGNORE, CachedDialogues
 from heads.trainer import train_head
-from pipeline.encoders import Encoder, extract
+from pipeline.encoders import Encoder
+from pipeline.extract import extract
 from pipeline.manifest import Manifest, ManifestMeta
 from pipeline.params import TrainerParams
 
@@ -120,3 +121,46 @@ def test_trainer_selects_on_dev(tmp_path):
 
     dev, _ = evaluate(head, data, "dev", 4, torch.device("cpu"))
     assert dev["wf1"] == pytest.approx(max(scores))   # the best dev checkpoint is the one kept
+
+
+def test_class_weights_and_focal_loss_hand_computed():
+    from heads import class_weights, focal_loss
+
+    counts = np.array([90, 9, 1])                                         # an imbalanced train split
+    w = class_weights(counts, "inverse")
+    assert np.allclose(w, np.array([1 / 90, 1 / 9, 1.0]) * 100 / 3)        # mean weight over utterances is 1
+    assert np.isclose((w * counts).sum() / counts.sum(), 1.0)
+    assert np.allclose(class_weights(counts, "sqrt_inverse"), counts ** -0.5 * 100 / (counts ** 0.5).sum())
+    assert class_weights(counts, "none") is None
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    target = torch.tensor([0, 1, 2, IGNORE])
+    p = torch.softmax(logits, -1)[torch.arange(3), target[:3]]
+    wt = torch.tensor(w)[target[:3]]
+    expected = -(wt * (1 - p) ** 2 * p.log()).sum() / wt.sum()
+    assert torch.allclose(focal_loss(logits, target, 2.0, torch.tensor(w)), expected)
+
+
+def test_class_weights_change_the_head_loss(tmp_path):
+    """trainer.class_weights reaches the head's task loss: rare-class errors cost more."""
+    m = synthetic_manifest(n_dialogues=20)
+    path = store_from(m, tmp_path / "f.h5", lambda r: [r["turn"], 1.0], 2)
+    data = CachedDialogues(m, {"text": path})
+    head = build_head("late_fusion", {"text": 2}, 3, "categorical", {"hidden": 8, "dropout": 0.0})
+    batch = data.batch(m.dialogues("train"))
+    out = head(batch) + torch.randn(*batch.mask.shape, 3, generator=torch.Generator().manual_seed(0)) * 3
+    plain = float(head.task_loss(batch, out))
+    y = data.label_ids[(m.rows["split"] == "train").to_numpy()]
+    w = torch.tensor(class_weights_of(y, "inverse"))
+    head.set_task_loss(w.numpy())
+    weighted = float(head.task_loss(batch, out))
+    logits, target = out.reshape(-1, 3), batch.labels.reshape(-1)
+    keep = target != IGNORE
+    nll = -torch.log_softmax(logits[keep], -1)[torch.arange(int(keep.sum())), target[keep]]
+    assert weighted == pytest.approx(float((w[target[keep]] * nll).sum() / w[target[keep]].sum()), rel=1e-5)
+    assert weighted != pytest.approx(plain, rel=1e-3)
+
+
+def class_weights_of(y, scheme):
+    from heads import class_weights
+
+    return class_weights(np.bincount(y[y >= 0], minlength=3), scheme)

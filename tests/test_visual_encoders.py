@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.encoders import build_encoder, extract
+from pipeline.encoders import build_encoder
+from pipeline.extract import extract
 from pipeline.store import FeatureStore, MediaStore
 
 
@@ -83,7 +84,7 @@ def test_timesformer_prep_in_dataloader_workers(tiny_timesformer, sample_manifes
 def test_cnn3d_loads_a_state_dict_and_runs_it_on_the_stored_frames(sample_manifest, sample_media, tmp_path):
     import torch
 
-    from pipeline.encoders import weights_hash
+    from pipeline.runtime import weights_hash
     from pipeline.encoders.visual import C3D
 
     torch.manual_seed(123)

@@ -5,27 +5,21 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from pipeline.encoders import (Encoder, HFEncoder, autocast_context, batched_with_oom_retry, clip_batch_size,
-                               masked_problem, prep_workers, register, worker_media)
+from pipeline.configs import HFAudioConfig, OpenSmileConfig
+from pipeline.encoders import Encoder, HFEncoder, register
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
+from pipeline.problems import masked_problem
+from pipeline.runtime import autocast_context, batched_with_oom_retry, clip_batch_size, prep_workers, worker_media
 from pipeline.store import MediaStore
 
 OPENSMILE_SETS = {"eGeMAPSv02": 88, "ComParE_2016": 6373}
 
 
-@dataclass
-class OpenSmileConfig:
-    feature_set: str = "eGeMAPSv02"
-    min_seconds: float = 0.1      # shorter audio is masked: functionals of a few frames are noise
-    silence_dbfs: float = -60.0   # audio whose RMS level is below this is masked as silent
-    workers: int = -1             # processes running openSMILE side by side, 8 utterances per task
-                                  # (-1: one per available CPU core, at most 8; 0: in this process)
 
 
 def unusable_audio(x: np.ndarray, sr: int, min_seconds: float, silence_dbfs: float) -> str | None:
@@ -116,20 +110,6 @@ class OpenSmileEncoder(Encoder):
         return {"pooled": pooled, "valid": np.array([r is None for r in reasons], bool)}, problems
 
 
-@dataclass
-class HFAudioConfig:
-    weights: str                     # hub id or local dir: WavLM, data2vec-audio, wav2vec2, HuBERT, ...
-    revision: str | None = None
-    layer: int = -1                  # which hidden layer to pool (-1: the last)
-    max_seconds: float = 20.0        # longer audio is cut (memory grows with length)
-    min_seconds: float = 0.1
-    silence_dbfs: float = -60.0      # audio whose RMS level is below this is masked as silent
-    batch_size: int = 0              # 0: 8 on CUDA, 1 on a CPU (see clip_batch_size)
-    device: str = "auto"
-    autocast: str = "bf16"           # CUDA only: bf16 | fp16 | none
-    quantize: str = "none"           # CPU only: int8 (dynamic int8 Linear layers) | none
-    return_sequence: bool = False    # also store the frame sequence (ragged, ~50 frames/s)
-    prep_workers: int = -1           # DataLoader workers for feature extraction (-1: 2 on CUDA, 0 on CPU)
 
 
 @register

@@ -13,36 +13,22 @@ Pooling: `cls` (first token), `mean` (over real tokens), `mask` (the `<mask>` to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.encoders import (HFEncoder, autocast_context, batched_with_oom_retry, masked_problem, register,
-                               resolve_weights)
+from pipeline.configs import HFTextConfig
+from pipeline.encoders import HFEncoder, register
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
+from pipeline.problems import masked_problem
+from pipeline.runtime import autocast_context, batched_with_oom_retry, resolve_weights
 
 FORMATS = ("utterance", "indi_context", "prompt")
 POOLINGS = ("cls", "mean", "mask")
 
 
-@dataclass
-class HFTextConfig:
-    weights: str
-    revision: str | None = None
-    input_format: str = "utterance"
-    pooling: str = "cls"
-    context_window: int | None = None   # K; None: the whole history (prompt) / 5 (indi_context)
-    speaker_tokens: int = 9             # N of <s1>..<sN>; later speakers share <sN>
-    max_length: int = 256
-    batch_size: int = 32
-    device: str = "auto"
-    autocast: str = "bf16"              # CUDA only: bf16 | fp16 | none
-    quantize: str = "none"              # CPU only: int8 (dynamic int8 Linear layers) | none
-    return_sequence: bool = False       # also store per-token features (ragged)
-    on_empty: str = "mask"              # mask | fail: an utterance with empty text
 
 
 def speaker_token(k: int, n_max: int) -> str:

@@ -8,16 +8,18 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.encoders import Encoder, HFEncoder, masked_problem, register, resolve_device, weights_hash
+from pipeline.configs import Cnn3dConfig, HFVideoConfig, VisExtNetConfig
+from pipeline.encoders import Encoder, HFEncoder, register
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
+from pipeline.problems import masked_problem
+from pipeline.runtime import resolve_device, weights_hash
 from pipeline.store import MediaStore
 
 
@@ -47,15 +49,6 @@ class C3D(nn.Module):
         return self.proj(self.features(clip).mean(dim=(2, 3, 4)))
 
 
-@dataclass
-class Cnn3dConfig:
-    weights: str | None = None   # a state_dict (.pt) of C3D(width, out_dim); None: random init
-    seed: int = 0
-    width: int = 32
-    out_dim: int = 128
-    frames: int = 16             # clip length, uniform over the store's frames (repeating when it holds fewer)
-    batch_size: int = 16
-    device: str = "auto"
 
 
 @register
@@ -107,16 +100,6 @@ def sample_frames(frames: np.ndarray, count: int) -> np.ndarray:
     return frames[frame_indices(0, len(frames) - 1, count)]
 
 
-@dataclass
-class HFVideoConfig:
-    weights: str                  # hub id or local dir of a video transformer (TimeSformer, VideoMAE, ViViT)
-    revision: str | None = None
-    pooling: str = "cls"          # cls | mean (over the patch tokens)
-    batch_size: int = 0           # 0: 8 on CUDA, 1 on a CPU (see clip_batch_size)
-    device: str = "auto"
-    autocast: str = "bf16"        # CUDA only: bf16 | fp16 | none
-    quantize: str = "none"        # CPU only: int8 (dynamic int8 Linear layers) | none
-    prep_workers: int = -1        # DataLoader workers reading + processing frames (-1: 2 on CUDA, 0 on CPU)
 
 
 @register
@@ -139,8 +122,7 @@ class HFVideoEncoder(HFEncoder):
         return {**super().provenance(), "frames_used": self.num_frames}
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
-        from pipeline.encoders import (autocast_context, batched_with_oom_retry, clip_batch_size, prep_workers,
-                                       worker_media)
+        from pipeline.runtime import autocast_context, batched_with_oom_retry, clip_batch_size, prep_workers, worker_media
 
         ids, valid, problems = decoded_video(rows, media)
         pooled = np.zeros((len(ids), self.dim), np.float32)
@@ -167,19 +149,6 @@ class HFVideoEncoder(HFEncoder):
         return {"pooled": pooled, "valid": valid}, problems
 
 
-@dataclass
-class VisExtNetConfig:
-    weights: str                  # local dir / hub id of an image classifier (MultiEMO: ResNet-101, 2048->1000)
-    revision: str | None = None
-    detector: str = "haar"        # haar: OpenCV's bundled frontal-face cascade | full: the whole frame is the face
-    max_frames: int = 20          # MultiEMO looks at up to 20 frames
-    min_face: int = 24            # smallest face side (pixels of the stored frame) the detector reports
-    face_size: int = 224
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    batch_size: int = 64          # faces per CNN batch
-    device: str = "auto"
-    autocast: str = "bf16"
 
 
 @register
@@ -230,7 +199,7 @@ class VisExtNetEncoder(HFEncoder):
     @torch.inference_mode()
     def cnn(self, faces: list[np.ndarray]) -> np.ndarray:
         """The classifier's output for each face crop: [n, num_labels]."""
-        from pipeline.encoders import autocast_context
+        from pipeline.runtime import autocast_context
 
         c = self.config
         x = torch.stack([torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).float() / 255.0 for f in

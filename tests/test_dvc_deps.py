@@ -1,0 +1,75 @@
+"""dvc.yaml lists, for every stage, every project module its command imports: an edit to any of them makes
+`dvc status` report the stage as changed (an unlisted module would leave a stale stage "up to date")."""
+import ast
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "heads", "stages", "ercflow")
+
+
+def module_files(name: str) -> list[Path]:
+    """The files importing `name` executes: its package __init__ files and the module itself."""
+    parts, files = name.split("."), []
+    for i in range(1, len(parts) + 1):
+        base = REPO.joinpath(*parts[:i])
+        for f in (base / "__init__.py", base.with_suffix(".py")):
+            if f.exists():
+                files.append(f)
+    return files
+
+
+def imported_files(path: Path) -> set[Path]:
+    """Every project file reached from `path` through import statements (anywhere in the file)."""
+    seen, todo = set(), [path]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        tree = ast.parse(f.read_text())
+        for lazy in [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"]:
+            tree.body.remove(lazy)   # a module's lazy attributes are imported when used, not with the module
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]   # a name may be a module
+            todo.extend(m for n in names if n.split(".")[0] in PACKAGES for m in module_files(n))
+    return seen
+
+
+def stage_modules(cmd: str) -> list[Path]:
+    """The file `python -m X ...` runs; for the `ercflow` package, its __main__ and the command's module
+    (the command line imports it by name)."""
+    words = cmd.split()
+    module = words[words.index("-m") + 1]
+    path = REPO.joinpath(*module.split("."))
+    if not path.is_dir():
+        return [path.with_suffix(".py")]
+    from ercflow.cli import COMMANDS
+
+    command = words[words.index("-m") + 2]
+    return [path / "__main__.py", REPO.joinpath(*COMMANDS[command][0].split(".")).with_suffix(".py")]
+
+
+def test_every_stage_lists_every_module_it_imports():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    missing = {}
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        deps = [REPO / d for d in stage.get("deps", []) if "${" not in d]
+        covered = lambda f: any(f == d or d in f.parents for d in deps)  # noqa: E731
+        reached = set().union(*(imported_files(f) for f in stage_modules(stage["cmd"])))
+        lacking = sorted(str(f.relative_to(REPO)) for f in reached if not covered(f))
+        if lacking:
+            missing[name] = lacking
+    assert not missing, f"dvc.yaml: stages miss deps on modules they import: {missing}"
+
+
+def test_the_import_walk_finds_lazy_imports():
+    """The walk must see imports inside functions (heads are registered by one in build_head)."""
+    files = {str(f.relative_to(REPO)) for f in imported_files(REPO / "stages" / "train.py")}
+    assert {"heads/matav.py", "heads/mamba.py", "pipeline/store.py", "pipeline/__init__.py"} <= files
