@@ -1,2 +1,14 @@
-"""ercflow's public face: the `ercflow` console script (ercflow/cli.py) and, later, load_model."""
-from pipeline import __version__  # noqa: F401
+"""ercflow's public face: `load_model(path).predict(table)` for a trained head, and the `ercflow` command
+line (ercflow/cli.py)."""
+from pipeline import __version__
+
+__all__ = ["Model", "__version__", "load_model"]
+
+
+def __getattr__(name: str):
+    # lazy: `import ercflow.check` (every train stage does) must not load the predict machinery
+    if name in ("Model", "load_model"):
+        from pipeline import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module 'ercflow' has no attribute {name!r}")

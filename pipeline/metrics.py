@@ -1,7 +1,9 @@
-"""Evaluation: weighted F1, accuracy, per-class F1, confusion matrix (scikit-learn); Pearson r per dimension."""
+"""Evaluation: weighted F1, accuracy, per-class F1, confusion matrix (scikit-learn); Pearson r per dimension;
+the prediction table (labels and class probabilities) that the train stage and `ercflow predict` write."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 
@@ -51,3 +53,26 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], path, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def prediction_table(rows: pd.DataFrame, out: np.ndarray, task: str, labels: list[str],
+                     dimensions: list[str]) -> pd.DataFrame:
+    """Head outputs [n, C] of manifest `rows` as a table: `utt_id`, the true `label` (where the rows have one),
+    `prediction` and one probability column `p_<label>` per class (softmax, float64), or one column per
+    dimension. The train stage writes it per split; `ercflow predict` returns it for new conversations."""
+    table = rows[["utt_id"]].reset_index(drop=True)
+    if task == "categorical":
+        z = out.astype(np.float64)
+        probs = np.exp(z - z.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        if "label" in rows.columns:
+            table["label"] = rows["label"].to_numpy()
+        table["prediction"] = [labels[i] for i in probs.argmax(1)]
+        for j, label in enumerate(labels):
+            table[f"p_{label}"] = probs[:, j]
+    else:
+        for j, dim in enumerate(dimensions):
+            if dim in rows.columns:
+                table[f"{dim}_true"] = rows[dim].to_numpy()
+            table[dim] = out[:, j]
+    return table

@@ -1,11 +1,14 @@
 """The demo pipeline through DVC itself: repro, metrics, per-stage invalidation, and sharing via a remote."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -83,14 +86,21 @@ def test_editing_a_head_param_invalidates_only_that_head(project):
     params["heads"]["text_mlp"]["options"]["hidden"] = 64
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
+        # `check` reads all of params.yaml, so any edit re-runs it (a second); its output stays the same,
+        # so it re-runs nothing downstream
         changed = set(json.loads(dvc(root, "status", "--json")))
-        assert changed == {"train@sample-text_mlp"}
+        assert changed == {"check", "train@sample-text_mlp"}
         params["encoders"]["audio_egemaps"]["feature_set"] = "ComParE_2016"
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         changed = set(json.loads(dvc(root, "status", "--json")))
-        assert changed == {"train@sample-text_mlp", "extract@sample-audio_egemaps"}
+        assert changed == {"check", "train@sample-text_mlp", "extract@sample-audio_egemaps"}
+        params["encoders"]["audio_egemaps"]["feature_set"] = "eGeMAPSv02"
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        ran = set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro")))
+        assert ran == {"check", "train@sample-text_mlp", "report"}
     finally:
         (root / "params.yaml").write_text(original)
+    dvc(root, "repro")
     assert json.loads(dvc(root, "status", "--json")) == {}
 
 
@@ -112,14 +122,85 @@ def test_share_stores_through_a_remote(project, tmp_path):
     assert "didn't change, skipping" in log
 
 
+def ercflow_cli(root, *args, check=True):
+    return sh(root, sys.executable, "-m", "ercflow", *args, check=check)
+
+
+def test_data(root, columns=("utt_id", "dialogue_id", "turn", "speaker", "text", "video", "audio")):
+    """The sample's test dialogues as a bare conversation table: no labels, no splits."""
+    rows = pd.read_csv(root / "data/manifest/sample/manifest.csv", dtype=str, keep_default_na=False)
+    return rows.loc[rows["split"] == "test", [c for c in columns if c in rows.columns]]
+
+
+@pytest.mark.parametrize("head", ["fusion_mlp", "dialoguetrm", "matav", "telme_text"])
+def test_predict_reproduces_the_train_stage(project, tmp_path, head):
+    """`ercflow predict` on the test dialogues' transcript + media gives the train stage's test predictions:
+    the same stores rebuilt from the bundle's recipes, the same normalisation, the same head."""
+    root, _ = project
+    table = test_data(root)
+    table.to_csv(tmp_path / "talk.csv", index=False)
+    ercflow_cli(root, "predict", "--model", f"models/sample/{head}.safetensors", "--input", str(tmp_path / "talk.csv"),
+                "--media-root", "data/raw/sample", "--out", str(tmp_path / "pred.csv"), "--work-dir", str(tmp_path / "w"))
+    got = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    want = pd.read_csv(root / f"results/sample/{head}/predictions_test.csv")
+    assert list(got["utt_id"]) == list(table["utt_id"]) == list(want["utt_id"])
+    assert (got["prediction"] == want["prediction"]).all()
+    probs = [c for c in want.columns if c.startswith("p_")]
+    assert probs and np.abs(got[probs].to_numpy() - want[probs].to_numpy()).max() < 1e-5
+    assert np.allclose(got[probs].sum(axis=1), 1.0)
+    assert set(got.columns) >= {"dialogue_id", "turn", "speaker", "problems"}
+
+
+def test_predict_text_only_model_on_a_bare_transcript_and_cached_work(project, tmp_path):
+    root, _ = project
+    table = test_data(root, ("dialogue_id", "turn", "speaker", "text"))   # no media, no utt_id
+    table.to_csv(tmp_path / "talk.csv", index=False)
+    args = ("predict", "--model", "models/sample/text_mlp.safetensors", "--input", str(tmp_path / "talk.csv"),
+            "--out", str(tmp_path / "pred.csv"), "--work-dir", str(tmp_path / "w"))
+    ercflow_cli(root, *args)
+    first = (tmp_path / "pred.csv").read_text()
+    stores = sorted((tmp_path / "w").rglob("*.h5"))
+    assert [p.parent.name for p in stores] == ["features"] and not list((tmp_path / "w").rglob("media.h5"))
+    stamps = [p.stat().st_mtime_ns for p in stores]
+    ercflow_cli(root, *args)                       # the same input: its stores are reused, not recomputed
+    assert [p.stat().st_mtime_ns for p in stores] == stamps and (tmp_path / "pred.csv").read_text() == first
+    got = pd.read_csv(tmp_path / "pred.csv")
+    assert list(got["utt_id"]) == [f"{d}_{t}" for d, t in zip(table["dialogue_id"], table["turn"])]
+
+
+def test_predict_masks_a_missing_clip_and_refuses_other_weights(project, tmp_path):
+    from heads.bundle import load_head, save_head
+    from pipeline.predict import WeightsMismatch, load_model
+
+    root, _ = project
+    table = test_data(root)
+    first = table.index[0]
+    table.loc[first, "video"] = table.loc[first, "audio"] = "clips/not_there.mp4"
+    model = load_model(root / "models/sample/fusion_mlp.safetensors", work_dir=tmp_path / "w")
+    got = model.predict(table, media_root=root / "data/raw/sample")
+    assert "visual" in got.loc[0, "problems"] and "missing" in got.loc[0, "problems"]
+    assert (got.loc[1:, "problems"] == "").all() and got["prediction"].notna().all()
+
+    state, meta = load_head(root / "models/sample/text_mlp.safetensors")
+    meta["features"]["text"]["weights_hash"] = "0123456789abcdef"
+    save_head(tmp_path / "other.safetensors", state, meta)
+    with pytest.raises(WeightsMismatch, match=r"text_minilm.*0123456789abcdef.*hashes to [0-9a-f]{16}"):
+        load_model(tmp_path / "other.safetensors", work_dir=tmp_path / "w").predict(table)
+    out = load_model(tmp_path / "other.safetensors", work_dir=tmp_path / "w", allow_weights_mismatch=True).predict(table)
+    assert len(out) == len(table)
+    refused = ercflow_cli(root, "predict", "--model", str(tmp_path / "other.safetensors"), "--input",
+                          str(root / "data/manifest/sample/meta.json"), check=False)
+    assert "ercflow predict:" in refused and "Traceback" not in refused
+
+
 def test_training_again_gives_the_same_model(project):
     """`trainer.seed` fixes the head's initial weights as well as the batch order (last: it re-runs stages)."""
     root, _ = project
     out = root / "results/sample/text_mlp"
     before = json.loads((out / "metrics.json").read_text())
-    predictions = (out / "predictions.csv").read_text()
+    predictions = (out / "predictions_test.csv").read_text()
     dvc(root, "repro", "-f", "-s", "train@sample-text_mlp")
     after = json.loads((out / "metrics.json").read_text())
     before.pop("seconds_per_epoch"), after.pop("seconds_per_epoch")
     assert after == before
-    assert (out / "predictions.csv").read_text() == predictions
+    assert (out / "predictions_test.csv").read_text() == predictions
