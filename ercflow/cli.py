@@ -16,6 +16,7 @@ COMMANDS = {
     "schema": ("ercflow.schema", "write the JSON Schema of params.yaml"),
     "inspect": ("ercflow.inspect", "what each feature/media store holds, and whether it is stale"),
     "predict": ("ercflow.predict", "a trained model on new conversations (transcript table + media)"),
+    "recipe": ("ercflow.recipe", "apply a paper's settings (recipes/) to params.yaml"),
 }
 
 

@@ -122,7 +122,7 @@ class DecordReader(MediaReader):
     """decord's VideoReader; its AudioReader at the stream's own rate (its resampler is not used).
 
     decord's AudioReader keeps about the decoded audio of every file it opens (DESIGN.md, "Known traps"):
-    on a large corpus prefer `reader: pyav`."""
+    `auto` reads audio with PyAV instead."""
     name = "decord"
 
     def __init__(self):
@@ -280,13 +280,31 @@ class _PyAVClip(VideoClip):
             self._container = None
 
 
+class DecordVideoPyAVAudio(DecordReader):
+    """`auto` where decord imports: decord's video (the design's reader) and PyAV's audio, since decord's
+    AudioReader keeps the decoded audio of every file it opens (DESIGN.md, "Known traps")."""
+    name = "decord+pyav-audio"
+
+    def __init__(self):
+        super().__init__()
+        self._audio = PyAVReader()
+
+    @property
+    def version(self) -> str:
+        return f"{super().version}, {self._audio.version}"
+
+    def native_audio(self, path: Path) -> tuple[np.ndarray, int]:
+        return self._audio.native_audio(path)
+
+
 def pick_reader(name: str = "auto") -> MediaReader:
-    """The reader `decode.reader` names; `auto`: decord where it imports, else PyAV."""
+    """The reader `decode.reader` names; `auto`: decord's video with PyAV's audio where decord imports, else
+    PyAV for both."""
     if name not in READERS:
         raise ValueError(f"decode.reader must be one of {'|'.join(READERS)}, not {name!r}")
     if name in ("auto", "decord"):
         try:
-            return DecordReader()
+            return DecordVideoPyAVAudio() if name == "auto" else DecordReader()
         except (ImportError, OSError) as e:
             if name == "decord":
                 raise MediaError(f"decode.reader: decord does not import here ({e}); it has wheels for Linux and "

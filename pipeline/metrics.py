@@ -76,3 +76,17 @@ def prediction_table(rows: pd.DataFrame, out: np.ndarray, task: str, labels: lis
                 table[f"{dim}_true"] = rows[dim].to_numpy()
             table[dim] = out[:, j]
     return table
+
+
+def mean_and_std(runs: list[dict]) -> tuple[dict, dict]:
+    """Mean and (population) std over runs of every numeric entry of their metrics dicts, nested dicts (e.g.
+    `f1_per_class`) included; non-numeric entries (confusion matrices, counts as lists) are left out."""
+    mean, std = {}, {}
+    for key, first in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if isinstance(first, dict):
+            mean[key], std[key] = mean_and_std(values)
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            a = np.asarray(values, np.float64)
+            mean[key], std[key] = float(a.mean()), float(a.std())
+    return mean, std

@@ -1,6 +1,7 @@
 """Stage train: one head on one dataset's cached features -> model bundle (models/<dataset>/<head>.safetensors:
 heads/bundle.py), metrics JSON, curves, confusion plot, dev and test predictions with class probabilities."""
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -11,22 +12,13 @@ import pandas as pd
 from ercflow.check import load_checked_params
 from heads.data import CachedDialogues
 from heads.fit import fit_head, save_trained_head
+from heads.trainer import selection_score
 from pipeline.logs import run_stage
 from pipeline.manifest import Manifest
-from pipeline.metrics import plot_confusion, prediction_table
-from pipeline.params import ParamsError
+from pipeline.metrics import mean_and_std, plot_confusion, prediction_table
 from pipeline.store import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def feature_stores(params, dataset: str, head: str) -> dict[str, str]:
-    hp = params.head(head)
-    chosen = {**params.features, **hp.features}
-    missing = [m for m in hp.modalities if m not in chosen]
-    if missing:
-        raise ParamsError(f"features: no store chosen for modality {missing} (params `features` / heads.{head}.features)")
-    return {m: f"data/features/{dataset}/{chosen[m]}.h5" for m in hp.modalities}
 
 
 def main(argv=None):
@@ -38,18 +30,27 @@ def main(argv=None):
     params = load_checked_params(args.params)   # head options too: it builds a head
     hp = params.head(args.head)
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
-    stores = feature_stores(params, args.dataset, args.head)
+    stores = params.feature_stores(args.dataset, args.head)
     data = CachedDialogues(manifest, stores)
-    head, result = fit_head(hp, params.trainer_for(args.head), data, log=log.info)
+    runs = []   # (seed, head, result): one training run per seed
+    for seed in params.seeds_for(args.head):
+        trainer = dataclasses.replace(params.trainer_for(args.head), seed=seed)
+        runs.append((seed, *fit_head(hp, trainer, data, log=log.info)))
+    # the model kept is the best seed on dev (never test); the metrics are every seed's mean and std
+    seed, head, result = max(runs, key=lambda r: selection_score(r[1], r[2].metrics["dev"]))
     save_trained_head(f"models/{args.dataset}/{args.head}.safetensors", args.head, hp, head, result, data, stores,
-                      f"data/media/{args.dataset}.h5", dataset=args.dataset)
+                      f"data/media/{args.dataset}.h5", dataset=args.dataset, seed=seed)
 
     out = Path(f"results/{args.dataset}/{args.head}")
     out.mkdir(parents=True, exist_ok=True)
+    per_seed = {s: {split: {k: v for k, v in m.items() if k != "confusion"} for split, m in r.metrics.items()}
+                for s, _, r in runs}
     summary = {"dataset": args.dataset, "head": args.head, "modalities": hp.modalities,
-               "best_epoch": result.best_epoch, "seconds_per_epoch": round(result.seconds_per_epoch, 3)}
-    for split, m in result.metrics.items():
-        summary[split] = {k: v for k, v in m.items() if k != "confusion"}
+               "seeds": [s for s, _, _ in runs], "kept_seed": seed, "best_epoch": result.best_epoch,
+               "seconds_per_epoch": round(float(np.mean([r.seconds_per_epoch for _, _, r in runs])), 3)}
+    for split in result.metrics:
+        summary[split], summary[f"{split}_std"] = mean_and_std([m[split] for m in per_seed.values()])
+    summary["per_seed"] = per_seed
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "curves.csv", pd.DataFrame(result.curves).to_csv(index=False))
     if hp.task == "categorical" and "test" in result.metrics:
@@ -60,9 +61,9 @@ def main(argv=None):
         table = prediction_table(manifest.rows.loc[rows], raw, hp.task, manifest.meta.labels,
                                  manifest.meta.dimensions)
         atomic_write_text(out / f"predictions_{split}.csv", table.to_csv(index=False))
-    test = result.metrics.get("test", {})
-    log.info(f"{args.head} on {args.dataset}: test " + json.dumps({k: test[k] for k in ("wf1", "accuracy", "mean_r")
-                                                                 if k in test}))
+    test, std = summary.get("test", {}), summary.get("test_std", {})
+    log.info(f"{args.head} on {args.dataset} ({len(runs)} seed(s)): test " +
+             ", ".join(f"{k} {test[k]:.4f} ± {std[k]:.4f}" for k in ("wf1", "accuracy", "mean_r") if k in test))
 
 
 if __name__ == "__main__":

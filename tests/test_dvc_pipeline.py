@@ -57,7 +57,7 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_fusion_beats_text(project):
     root, log = project
-    for stage in ("make_sample", "prepare@sample", "decode@sample", "extract@sample-text_minilm",
+    for stage in ("make_sample@sample", "prepare@sample", "decode@sample", "extract@sample-text_minilm",
                   "extract@sample-audio_egemaps", "extract@sample-visual_c3d", "train@sample-fusion_mlp",
                   "train@sample-text_mlp", "train@sample-dialoguetrm", "train@sample-telme",
                   "train@sample-matav", "finetune_text@sample-teacher_minilm", "report"):
@@ -86,20 +86,56 @@ def test_editing_a_head_param_invalidates_only_that_head(project):
     params["heads"]["text_mlp"]["options"]["hidden"] = 64
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        # `check` reads all of params.yaml, so any edit re-runs it (a second); its output stays the same,
-        # so it re-runs nothing downstream
+        # `check` reads all of params.yaml, so any edit re-runs it (a second); its output stays the same, so it
+        # re-runs nothing downstream; `inputs@...` lists the head's stores and is unchanged too
         changed = set(json.loads(dvc(root, "status", "--json")))
-        assert changed == {"check", "train@sample-text_mlp"}
+        assert changed == {"check", "inputs@sample-text_mlp", "train@sample-text_mlp"}
         params["encoders"]["audio_egemaps"]["feature_set"] = "ComParE_2016"
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         changed = set(json.loads(dvc(root, "status", "--json")))
-        assert changed == {"check", "train@sample-text_mlp", "extract@sample-audio_egemaps"}
+        assert changed == {"check", "inputs@sample-text_mlp", "train@sample-text_mlp", "extract@sample-audio_egemaps"}
         params["encoders"]["audio_egemaps"]["feature_set"] = "eGeMAPSv02"
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         ran = set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro")))
-        assert ran == {"check", "train@sample-text_mlp", "report"}
+        assert ran == {"check", "inputs@sample-text_mlp", "train@sample-text_mlp", "report"}
     finally:
         (root / "params.yaml").write_text(original)
+    dvc(root, "repro")
+    assert json.loads(dvc(root, "status", "--json")) == {}
+
+
+def test_a_train_stage_reruns_only_for_the_stores_its_head_reads(project):
+    """A new encoder retrains no head; a re-extracted visual store retrains the heads that read it only;
+    the report lists the heads params trains now; a head fed by an unlisted teacher stops `dvc repro` first."""
+    root, _ = project
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    try:
+        params["encoders"]["text_minilm_64"] = {**params["encoders"]["text_minilm"], "max_length": 64}
+        params["extract"].append("text_minilm_64")
+        params["encoders"]["visual_c3d"]["seed"] = 1
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        ran = set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro")))
+        trained = {s for s in ran if s.startswith("train@")}
+        assert trained == {"train@sample-fusion_mlp", "train@sample-dialoguetrm", "train@sample-telme",
+                           "train@sample-matav"}, ran
+        assert {"extract@sample-text_minilm_64", "extract@sample-visual_c3d"} <= ran
+        params["train"].remove("text_mlp")
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        dvc(root, "repro")
+        reported = json.loads((root / "reports/metrics.json").read_text())["sample"]
+        assert "text_mlp" not in reported and "fusion_mlp" in reported
+        assert set(reported["fusion_mlp"]) >= {"dev_wf1", "dev_wf1_std", "test_wf1", "test_wf1_std", "seeds"}
+        params["heads"]["telme_text"]["features"] = {"text": "teacher_other"}
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = dvc(root, "repro", check=False)
+        assert "heads.telme_text.features.text" in out and "teachers" in out, out
+        assert set(re.findall(r"Running stage '([^']+)'", out)) == {"check"}
+    finally:
+        (root / "params.yaml").write_text(original)
+    # DVC keeps a persisted store whose encoder left `extract`; `ercflow inspect` lists it as not in params
+    (root / "data/features/sample/text_minilm_64.h5").unlink()
+    (root / "data/features/sample/text_minilm_64.summary.json").unlink()
     dvc(root, "repro")
     assert json.loads(dvc(root, "status", "--json")) == {}
 
@@ -126,7 +162,7 @@ def ercflow_cli(root, *args, check=True):
     return sh(root, sys.executable, "-m", "ercflow", *args, check=check)
 
 
-def test_data(root, columns=("utt_id", "dialogue_id", "turn", "speaker", "text", "video", "audio")):
+def transcript_of_test_dialogues(root, columns=("utt_id", "dialogue_id", "turn", "speaker", "text", "video", "audio")):
     """The sample's test dialogues as a bare conversation table: no labels, no splits."""
     rows = pd.read_csv(root / "data/manifest/sample/manifest.csv", dtype=str, keep_default_na=False)
     return rows.loc[rows["split"] == "test", [c for c in columns if c in rows.columns]]
@@ -137,7 +173,7 @@ def test_predict_reproduces_the_train_stage(project, tmp_path, head):
     """`ercflow predict` on the test dialogues' transcript + media gives the train stage's test predictions:
     the same stores rebuilt from the bundle's recipes, the same normalisation, the same head."""
     root, _ = project
-    table = test_data(root)
+    table = transcript_of_test_dialogues(root)
     table.to_csv(tmp_path / "talk.csv", index=False)
     ercflow_cli(root, "predict", "--model", f"models/sample/{head}.safetensors", "--input", str(tmp_path / "talk.csv"),
                 "--media-root", "data/raw/sample", "--out", str(tmp_path / "pred.csv"), "--work-dir", str(tmp_path / "w"))
@@ -153,7 +189,7 @@ def test_predict_reproduces_the_train_stage(project, tmp_path, head):
 
 def test_predict_text_only_model_on_a_bare_transcript_and_cached_work(project, tmp_path):
     root, _ = project
-    table = test_data(root, ("dialogue_id", "turn", "speaker", "text"))   # no media, no utt_id
+    table = transcript_of_test_dialogues(root, ("dialogue_id", "turn", "speaker", "text"))   # no media, no utt_id
     table.to_csv(tmp_path / "talk.csv", index=False)
     args = ("predict", "--model", "models/sample/text_mlp.safetensors", "--input", str(tmp_path / "talk.csv"),
             "--out", str(tmp_path / "pred.csv"), "--work-dir", str(tmp_path / "w"))
@@ -173,7 +209,7 @@ def test_predict_masks_a_missing_clip_and_refuses_other_weights(project, tmp_pat
     from pipeline.predict import WeightsMismatch, load_model
 
     root, _ = project
-    table = test_data(root)
+    table = transcript_of_test_dialogues(root)
     first = table.index[0]
     table.loc[first, "video"] = table.loc[first, "audio"] = "clips/not_there.mp4"
     model = load_model(root / "models/sample/fusion_mlp.safetensors", work_dir=tmp_path / "w")
@@ -204,3 +240,16 @@ def test_training_again_gives_the_same_model(project):
     before.pop("seconds_per_epoch"), after.pop("seconds_per_epoch")
     assert after == before
     assert (out / "predictions_test.csv").read_text() == predictions
+
+
+def test_dvc_exp_run_and_show(project):
+    """An experiment is one command: `dvc exp run -S <params key>=<value>`; `dvc exp show` lists it with the
+    compact metrics (reports/metrics.json). Last: it leaves the workspace at the experiment, then restores it."""
+    root, _ = project
+    dvc(root, "exp", "run", "-n", "hidden64", "-S", "heads.text_mlp.options.hidden=64")
+    shown = dvc(root, "exp", "show", "--json")
+    assert "hidden64" in shown and "text_mlp" in shown and "test_wf1" in shown
+    diff = json.loads(dvc(root, "exp", "diff", "--json"))
+    assert "heads.text_mlp.options.hidden" in json.dumps(diff["params"])
+    sh(root, "git", "checkout", "--", "params.yaml", "dvc.lock")
+    dvc(root, "checkout", "-f")

@@ -212,3 +212,12 @@ def test_pyav_frames_by_index_match_a_sequential_decode_with_b_frames(tmp_path):
         idx = frame_indices(first, last, 8).tolist()
         assert (clip.get(idx) == ref[idx]).all(), (first, last)
     clip.close()
+
+
+def test_auto_reads_audio_with_pyav_where_decord_imports(tmp_path):
+    """decord's AudioReader keeps every file's decoded audio (DESIGN.md, known traps): `auto` takes decord's
+    video and PyAV's audio."""
+    pytest.importorskip("decord")
+    reader = pick_reader("auto")
+    assert reader.name == "decord+pyav-audio" and "decord" in reader.version and "av " in reader.version
+    assert isinstance(reader._audio, type(pick_reader("pyav")))

@@ -164,3 +164,38 @@ def class_weights_of(y, scheme):
     from heads import class_weights
 
     return class_weights(np.bincount(y[y >= 0], minlength=3), scheme)
+
+
+def test_train_stage_with_seeds_reports_mean_and_std(tmp_path, monkeypatch):
+    """trainer.seeds trains the head once per seed: metrics.json keeps each seed's metrics and their mean ± std,
+    and the bundle is the best seed on dev."""
+    import json
+
+    import yaml
+
+    from conftest import REPO
+    from heads.bundle import load_head
+    from stages import train
+
+    m = synthetic_manifest(n_dialogues=20)
+    monkeypatch.chdir(tmp_path)
+    m.save("data/manifest/syn")
+    rng = np.random.default_rng(0)
+    store_from(m, tmp_path / "data/features/syn/text_minilm.h5",
+               lambda r: np.r_[rng.normal(size=3), "abc".index(r["label"])], 4)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(datasets=["syn"], train=["text_mlp"])
+    params["data"]["syn"] = {"adapter": "generic", "manifest": "x.csv"}
+    params["trainer"].update(seeds=[3, 1, 2], epochs=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    train.main(["--dataset", "syn", "--head", "text_mlp"])
+    metrics = json.loads((tmp_path / "results/syn/text_mlp/metrics.json").read_text())
+    assert metrics["seeds"] == [3, 1, 2] and set(metrics["per_seed"]) == {"3", "1", "2"}
+    devs = [metrics["per_seed"][s]["dev"]["wf1"] for s in ("3", "1", "2")]
+    assert metrics["dev"]["wf1"] == pytest.approx(np.mean(devs)) and metrics["dev_std"]["wf1"] == pytest.approx(np.std(devs))
+    assert metrics["per_seed"][str(metrics["kept_seed"])]["dev"]["wf1"] == max(devs)
+    _, meta = load_head(tmp_path / "models/syn/text_mlp.safetensors")
+    assert meta["seed"] == metrics["kept_seed"]
+    table = pd.read_csv(tmp_path / "results/syn/text_mlp/predictions_test.csv")
+    probs = table[[f"p_{c}" for c in "abc"]].to_numpy()
+    assert np.allclose(probs.sum(1), 1.0) and (table["prediction"] == np.array(list("abc"))[probs.argmax(1)]).all()
