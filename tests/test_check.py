@@ -48,6 +48,8 @@ BAD = [
      "heads.fusion_mlp.options: unknown option 'hiden' (known: dropout, hidden)"),
     ("task typo", edit("heads.text_mlp.task", "categorial"), "heads.text_mlp.task: 'categorial' is not one of"),
     ("epochs: ten", edit("trainer.epochs", "ten"), "trainer.epochs: input should be a valid integer"),
+    ("repeated seeds", edit("trainer.seeds", [0, 1, 0]), "trainer: seeds must differ"),
+    ("sample not generated", edit("samples", []), "data.sample: its root data/raw/sample is written by make_sample"),
     ("negative lr", edit("trainer.lr", -1e-3), "trainer.lr: input should be greater than 0"),
     ("negative lr override", edit("heads.telme.trainer", {"lr": -1}), "heads.telme.trainer.lr: input should be greater"),
     ("trainer override typo", edit("heads.telme.trainer", {"lrr": 1e-4}), "heads.telme.trainer: unknown key 'lrr'"),

@@ -47,6 +47,7 @@ def project(tmp_path_factory):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sample"]["dialogues"] = 24
     params["trainer"]["epochs"] = 40
+    params["finetune"]["teacher_minilm"]["epochs"] = 3
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(root, "git", "init", "-q")
     sh(root, "git", "add", "-A")

@@ -8,6 +8,8 @@ import pickle
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -223,6 +225,21 @@ def test_a_pickled_or_old_head_file_is_refused_and_never_runs(tmp_path):
             load_head(f)
         with pytest.raises(BundleError, match=re.escape(str(f))):
             load_trained_head(f)
+    assert not marker.exists()
+
+
+def test_predict_refuses_a_pickled_model_and_never_runs_it(tmp_path):
+    """What `ercflow predict --model` and `load_model` read is a bundle: a pickle there is refused by name."""
+    from pipeline.predict import load_model
+
+    marker = tmp_path / "pwned"
+    for f in (tmp_path / "model.safetensors", tmp_path / "model.pt"):
+        plant(f, marker)
+        with pytest.raises(BundleError, match=re.escape(str(f))):
+            load_model(f, work_dir=tmp_path / "w")
+    out = subprocess.run([sys.executable, "-m", "ercflow", "predict", "--model", str(tmp_path / "model.pt"),
+                          "--input", str(tmp_path / "none.csv")], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1 and "model.pt" in out.stderr and "Traceback" not in out.stderr
     assert not marker.exists()
 
 

@@ -95,3 +95,40 @@ def test_media_for_some_utterances_only(tmp_path):
         assert dict(zip(s.utt_ids, s.fixed("audio_valid"))) == {"u0": True, "u1": False, "u2": False, "u3": False,
                                                                  "u4": False}
         assert s.file["frames"].shape == (5, 2, 16, 16, 3) and s.frames("u0").any()
+
+
+def test_a_text_only_dataset_through_dvc_repro(tmp_path):
+    """Real-size chat transcripts (no media, no root) through `dvc repro`: every stage runs, zero media problems."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+    from test_dvc_pipeline import ENV, project_files
+
+    root = tmp_path / "proj"
+    for f in project_files():
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes((REPO / f).read_bytes())
+    rows = [(f"c{d}u{t}", "train" if d < 6 else "dev" if d < 8 else "test", f"c{d}", t, "AB"[t % 2],
+             ["i am so happy about the cake", "this is not great", "why now", "tell me more"][(d + t) % 4],
+             ["joy", "sad"][(d + t) % 2]) for d in range(10) for t in range(4)]
+    (root / "data/raw/chat").mkdir(parents=True)
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(root / "data/raw/chat/chat.csv", index=False)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params.update(datasets=["chat"], samples=[], extract=["text_minilm"], teachers=[], train=["text_mlp"])
+    params["data"] = {"chat": {"adapter": "generic", "manifest": "data/raw/chat/chat.csv"}}
+    params["trainer"].update(epochs=3, seeds=[0])
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"],
+                [sys.executable, "-m", "dvc", "repro"]):
+        out = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for stage in ("prepare@chat", "decode@chat", "extract@chat-text_minilm", "train@chat-text_mlp"):
+        assert f"Running stage '{stage}'" in out.stdout + out.stderr
+    assert json.loads((root / "data/manifest/chat/problems.json").read_text()) == []
+    summary = json.loads((root / "data/media/chat.summary.json").read_text())
+    assert summary["text_only"] and summary["problems"] == []
+    assert json.loads((root / "data/features/chat/text_minilm.summary.json").read_text())["problems"] == []
+    assert "chat" in json.loads((root / "reports/metrics.json").read_text())
