@@ -192,11 +192,17 @@ class Model:
         data = CachedDialogues(manifest, stores, normalize=bool(stats), stats=stats)
         return predict(self.head, data, "test", batch_dialogues, self.device)
 
+    @property
+    def needs_media(self) -> bool:
+        return any(self.meta["features"][m].get("modality") in ("audio", "visual") for m in self.head.modalities)
+
     def predict(self, table: str | Path | pd.DataFrame, media_root: str | Path | None = None,
                 allow_outside_root: bool = False) -> pd.DataFrame:
         """One row per utterance: utt_id, dialogue_id, turn, speaker, prediction, one probability column per
         class `p_<label>` (or one column per dimension), and `problems` (masked inputs, `;`-separated)."""
         df, where = read_conversations(table)
+        if not self.needs_media:   # a text-only model: media columns are not its input
+            df = df.drop(columns=[c for c in ("video", "audio", "start", "end") if c in df.columns])
         manifest = conversation_manifest(df, where, media_root, self.labels, allow_outside_root)
         work = self.work_dir(manifest)
         work.mkdir(parents=True, exist_ok=True)
