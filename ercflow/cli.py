@@ -52,7 +52,7 @@ def _command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.logs import setup_logging
+    from pipeline.logs import quiet_libraries, setup_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command(argv)
@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        setup_logging("WARNING" if args.quiet else "DEBUG" if args.verbose else None)
+        level = setup_logging("WARNING" if args.quiet else "DEBUG" if args.verbose else None)
     except ValueError as e:   # a bad $ERCFLOW_LOG_LEVEL
         parser.error(str(e))
+    quiet_libraries(level)
     return int(args.run(args) or 0)
 
 
