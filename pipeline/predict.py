@@ -45,7 +45,13 @@ def read_conversations(source: str | Path | pd.DataFrame) -> tuple[pd.DataFrame,
         return source.copy(), "the input table"
     from pipeline.datasets.generic import read_table
 
-    return read_table(Path(source)), str(source)
+    try:
+        return read_table(Path(source)), str(source)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        if isinstance(e, ManifestError):
+            raise
+        raise ManifestError(f"{source}: not a readable conversation table ({str(e).splitlines()[0]}); give a CSV, "
+                            "TSV or JSONL file with dialogue_id, turn, speaker, text") from e
 
 
 def conversation_manifest(df: pd.DataFrame, where: str, media_root: str | Path | None,
