@@ -172,21 +172,11 @@ def planned_provenance(name: str, raw: dict[str, Any], stored: dict[str, Any] | 
     architecture, which the weights fix; it is taken from `stored` (the store's attributes), since counting it
     needs the model. Raises ParamsError on bad params, and AttributeError when an encoder's provenance reads
     something its stand-in lacks (add it to STAND_INS)."""
-    from pipeline.encoders import Encoder, HFEncoder, REGISTRY
+    from pipeline.encoders import Encoder, HFEncoder, encoder_config
     from pipeline.runtime import compute_precision, resolve_device, resolve_weights
-    from pipeline.encoders import audio, text, visual  # noqa: F401  (fill the registry)
-    from pipeline.params import ParamsError, from_dict
 
     stored = stored or {}
-    raw = dict(raw)
-    kind = raw.pop("kind", None)
-    modality = raw.pop("modality", None)
-    if kind not in REGISTRY:
-        raise ParamsError(f"encoders.{name}.kind: unknown encoder kind {kind!r}; known: {sorted(REGISTRY)}")
-    cls = REGISTRY[kind]
-    if modality not in (None, cls.modality):
-        raise ParamsError(f"encoders.{name}: kind {kind} is a {cls.modality} encoder, not {modality}")
-    config = from_dict(cls.Config, raw, f"encoders.{name}")
+    cls, config = encoder_config(name, raw)
     enc = cls.__new__(cls)
     Encoder.__init__(enc, name, config)
     if issubclass(cls, HFEncoder):
@@ -197,8 +187,8 @@ def planned_provenance(name: str, raw: dict[str, Any], stored: dict[str, Any] | 
                                         getattr(config, "quantize", "none"), f"encoders.{name}")
         n_int8 = int(stored.get("int8_layers") or 0) if enc.compute == "int8-dynamic" else 0
         enc.int8_layers = [""] * n_int8
-        if kind in STAND_INS:
-            STAND_INS[kind](enc, config, path, revision)
+        if cls.kind in STAND_INS:
+            STAND_INS[cls.kind](enc, config, path, revision)
     return enc.provenance()
 
 

@@ -11,7 +11,7 @@ from heads import build_head
 from heads.dialoguetrm import GATE, MGIF, Discriminator, conv_context_mask, context_free_mask
 from heads.matav import TAVAlignment, mec_term
 from heads.telme import ASF, dist_loss, feature_kd_loss
-from test_trainer import overfit, store_from, synthetic_manifest
+from test_trainer import overfit, store_from, synthetic_manifest, train_steps
 from heads.data import CachedDialogues
 
 
@@ -134,17 +134,6 @@ def matav_and_batch(tmp_path, **options):
     head = build_head("matav", {k: data.dim(k) for k in data.modalities}, 3, "categorical",
                       {**HEADS["matav"], **options})
     return head, data, data.batch(m.dialogues("train")[:4])
-
-
-def train_steps(head, batch, steps, lr=3e-3):
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    head.train()
-    for _ in range(steps):
-        loss, _ = head.loss(batch, head(batch))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return head.eval()
 
 
 def test_matav_mec_weight_changes_the_trained_outputs(tmp_path):

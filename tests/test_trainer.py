@@ -68,8 +68,8 @@ def test_nan_features_are_masked_not_propagated(tmp_path):
     assert (~data.valid["text"]).sum() == (m.rows["turn"] == 1).sum()
 
 
-def overfit(head, batch, steps=300, lr=1e-2):
-    """Train on one batch only; return train accuracy (or mean r) on that batch."""
+def train_steps(head, batch, steps, lr=3e-3):
+    """Adam on one batch for `steps` steps; the head is left in eval mode."""
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     head.train()
     for _ in range(steps):
@@ -77,7 +77,12 @@ def overfit(head, batch, steps=300, lr=1e-2):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    head.eval()
+    return head.eval()
+
+
+def overfit(head, batch, steps=300, lr=1e-2):
+    """Train on one batch only; return train accuracy (or mean r) on that batch."""
+    train_steps(head, batch, steps, lr)
     with torch.no_grad():
         out = head(batch)
     if head.task == "categorical":

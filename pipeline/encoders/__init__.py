@@ -83,7 +83,8 @@ class HFEncoder(Encoder):
                 "int8_layers": len(self.int8_layers)}
 
 
-def build_encoder(name: str, raw: dict[str, Any]) -> Encoder:
+def encoder_config(name: str, raw: dict[str, Any]) -> tuple[type[Encoder], Any]:
+    """The encoder class and parsed config of `encoders.<name>` (its `kind` picks the class); no model loaded."""
     from pipeline.encoders import audio, text, visual  # noqa: F401  (fill the registry)
 
     raw = dict(raw)
@@ -94,4 +95,9 @@ def build_encoder(name: str, raw: dict[str, Any]) -> Encoder:
     cls = REGISTRY[kind]
     if modality not in (None, cls.modality):
         raise ParamsError(f"encoders.{name}: kind {kind} is a {cls.modality} encoder, not {modality}")
-    return cls(name, from_dict(cls.Config, raw, f"encoders.{name}"))
+    return cls, from_dict(cls.Config, raw, f"encoders.{name}")
+
+
+def build_encoder(name: str, raw: dict[str, Any]) -> Encoder:
+    cls, config = encoder_config(name, raw)
+    return cls(name, config)
