@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(cwd: Path, *cmd: str) -> float:
     t = time.perf_counter()
     out = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                              # the stages' `python` must be this interpreter (the one with the dependencies)
+                              "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return time.perf_counter() - t
