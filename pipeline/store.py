@@ -3,7 +3,9 @@
 A store is produced in chunks of utterances. Each finished chunk is saved as its own `.npz` (written to a
 temp name, then renamed) inside `<store>.partial/`, so killing a run loses at most the chunk in flight and
 a re-run with the same fingerprint skips every finished chunk. When all chunks exist they are assembled
-into `<store>.tmp`, which is renamed to `<store>`: a store on disk is always complete.
+into `<store>.tmp`, which is renamed to `<store>`: a store on disk is always complete. Several processes may
+fill one `.partial/` folder side by side, each computing its own chunks (pipeline/extract.py under torchrun):
+a chunk's content depends only on its bounds, so the store is the same whoever computed each chunk.
 
 Layout of a store (rows follow the manifest's `utt_id` order, stored in the file):
 - `utt_id` [N] str; `valid` [N] bool (False: the input was bad and the row is masked, zeros);
@@ -146,14 +148,20 @@ class ChunkedRun:
         self.final_path = Path(final_path)
         self.dir = self.final_path.with_name(self.final_path.name + ".partial")
         meta = self.dir / "fingerprint"
-        if self.dir.exists() and (not meta.exists() or meta.read_text() != run_fingerprint):
+        self.kept = f"re-run: finished chunks in {self.dir} are kept"
+        if meta.exists() and meta.read_text() == run_fingerprint:
+            return   # this run's folder (perhaps made by another rank of it): left as it is
+        if self.dir.exists():
             shutil.rmtree(self.dir)  # chunks of another config are of no use
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.kept = f"re-run: finished chunks in {self.dir} are kept"
         atomic_write_text(meta, run_fingerprint, then=self.kept)
 
     def _path(self, i: int) -> Path:
         return self.dir / f"chunk_{i:06d}.npz"
+
+    def path(self, i: int) -> Path:
+        """Chunk i's file: it exists once the chunk is finished."""
+        return self._path(i)
 
     def done(self, i: int) -> bool:
         return self._path(i).exists()
@@ -247,12 +255,16 @@ def _write_store(tmp: Path, run: ChunkedRun, utt_ids: list[str], n_chunks: int, 
                         for k, v in {**attrs, "code_version": __version__, "rows": n}.items() if v is not None})
 
 
-def run_chunks(run: ChunkedRun, n: int, chunk_size: int, compute, progress=None) -> tuple[int, list]:
-    """Call `compute(start, end) -> (arrays, notes)` for each chunk not yet done.
+def run_chunks(run: ChunkedRun, n: int, chunk_size: int, compute, progress=None,
+               chunks: Iterable[int] | None = None) -> tuple[int, list]:
+    """Call `compute(start, end) -> (arrays, notes)` for each chunk not yet done (of `chunks`, the indices
+    this process computes; None: all).
 
-    Returns how many chunks were computed now and the notes of all chunks, finished earlier or now."""
+    Returns how many chunks were computed now and the notes of those chunks, finished earlier or now."""
     computed, notes = 0, []
-    for i, (s, e) in enumerate(chunk_bounds(n, chunk_size)):
+    bounds = chunk_bounds(n, chunk_size)
+    for i in (range(len(bounds)) if chunks is None else chunks):
+        s, e = bounds[i]
         if not run.done(i):
             run.save(i, *compute(s, e))
             computed += 1

@@ -1,9 +1,14 @@
-"""Stage extract: run one encoder once over a dataset -> feature store (data/features/<dataset>/<encoder>.h5)."""
+"""Stage extract: run one encoder once over a dataset -> feature store (data/features/<dataset>/<encoder>.h5).
+
+With `encoders.<encoder>.procs: N > 1` the stage runs itself again under torchrun as N processes that share
+the store's chunks (pipeline/distributed.py, pipeline/extract.py); `dvc repro` still runs one command."""
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.encoders import build_encoder
 from pipeline.extract import extract
 from pipeline.logs import progress, run_stage
@@ -24,14 +29,28 @@ def main(argv=None):
     params = load_params(args.params)
     if args.encoder not in params.encoders:
         raise ParamsError(f"encoders: no encoder '{args.encoder}'; defined: {sorted(params.encoders)}")
+    config = params.encoder(args.encoder)
+    if config.procs > 1 and not distributed.under_torchrun():
+        distributed.relaunch("stages.extract", sys.argv[1:] if argv is None else list(argv), config.procs,
+                             f"extract {args.encoder} on {args.dataset}")
+        return
+    r = distributed.ranks()
+    distributed.join_group(r)   # first: a rank slow to load its model is then named at extract's barrier
+    if not r.main:   # one voice: the other ranks speak only of problems
+        for name in ("pipeline", "stages"):
+            logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.WARNING))
+    distributed.bind_device(r, getattr(config, "device", "cpu"), f"encoders.{args.encoder}")
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
     encoder = build_encoder(args.encoder, params.encoders[args.encoder])
     out = Path(f"data/features/{args.dataset}/{args.encoder}.h5")
-    with progress(total=len(manifest), desc=f"{args.encoder} {args.dataset}", unit="utt") as bar:
+    desc = f"{args.encoder} {args.dataset}" + (f" [{r}]" if r.distributed else "")
+    with progress(total=len(manifest), desc=desc, unit="utt", position=r.rank) as bar:
         summary = extract(manifest, encoder, out, f"data/media/{args.dataset}.h5", args.chunk_size, bar)
+    if not r.main:
+        return
     atomic_write_text(out.with_suffix(".summary.json"), json.dumps(summary, indent=1))
-    log.info(f"{out}: {summary['utterances']} utterances, {summary['chunks_computed']} chunk(s) computed now, "
-          f"{summary.get('masked', 0)} masked")
+    log.info(f"{out}: {summary['utterances']} utterances, {summary['chunks_computed']} chunk(s) computed now"
+             f"{f' by {r.world} processes' if r.distributed else ''}, {summary.get('masked', 0)} masked")
 
 
 if __name__ == "__main__":

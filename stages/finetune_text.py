@@ -28,7 +28,7 @@ def main(argv=None):
     p = from_dict(FinetuneParams, raw[args.teacher], f"finetune.{args.teacher}")
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
     tuner = TextFinetuner(manifest, p, f"models/{args.dataset}/{args.teacher}")
-    state = tuner.train()
+    state = tuner.train(log=log.info)
     out = Path(f"data/features/{args.dataset}/{args.teacher}.h5")
     summary = write_teacher_store(tuner, args.teacher, out)
     dev = tuner.evaluate("dev")

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.finetune import FinetuneParams, InterruptTraining, TextFinetuner, write_teacher_store
+from pipeline.finetune import (FinetuneParams, InterruptTraining, TextFinetuner, length_grouped_batches,
+                               params_identity, write_teacher_store)
 from pipeline.store import FeatureStore
 
 
@@ -58,18 +59,22 @@ def test_prompt_teacher_keeps_speaker_tokens(tiny_bert, sample_manifest, tmp_pat
     assert "<s1>" in tok.get_vocab() and len(tok) == len(tuner.tokenizer)
 
 
-def test_interrupted_finetune_resumes_from_last_checkpoint(tiny_bert, sample_manifest, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "length_grouped"])
+def test_interrupted_finetune_resumes_from_last_checkpoint(tiny_bert, sample_manifest, tmp_path, grouped):
     logs = []
-    ref = TextFinetuner(sample_manifest, params(tiny_bert, epochs=2), tmp_path / "ref").train(log=logs.append)
-    tuner = TextFinetuner(sample_manifest, params(tiny_bert, epochs=2), tmp_path / "ckpt")
+    kw = dict(epochs=2, group_by_length=grouped)
+    ref = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "ref").train(log=logs.append)
+    tuner = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "ckpt")
     with pytest.raises(InterruptTraining):
         tuner.train(log=lambda *_: None, stop_after_steps=4)
     logs = []
-    resumed = TextFinetuner(sample_manifest, params(tiny_bert, epochs=2), tmp_path / "ckpt").train(log=logs.append)
+    resumed = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "ckpt").train(log=logs.append)
     assert any(line.startswith("resuming from") and "step 4" in line for line in logs), logs
     assert resumed["step"] == ref["step"]
     # same seed, same batches, restored optimizer/scheduler/RNG: the resumed run ends where the uninterrupted one does
     assert [h["dev_wf1"] for h in resumed["history"]] == [h["dev_wf1"] for h in ref["history"]]
+    # the interrupted epoch's mean loss covers its batches from before and after the interruption
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in ref["history"]])
     a = load_file(tmp_path / "ref/last/classifier.safetensors")
     b = load_file(tmp_path / "ckpt/last/classifier.safetensors")
     assert set(a) == {"weight", "bias"}
@@ -84,3 +89,68 @@ def test_interrupted_finetune_resumes_from_last_checkpoint(tiny_bert, sample_man
     assert json.loads((tmp_path / "ref/last/training_state.json").read_text())["state"]["step"] == ref["step"]
     # another config does not resume from these checkpoints
     assert not TextFinetuner(sample_manifest, params(tiny_bert, epochs=3), tmp_path / "ckpt").resumable()
+
+
+def test_length_grouped_batches_cover_every_row_once_with_less_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, 1003)
+    rows = rng.permutation(1003)
+    batches = length_grouped_batches(rows, lengths, 8, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1003))
+    assert [len(b) for b in batches].count(8) == len(batches) - 1    # one short batch, as a plain cut has
+    assert lengths[batches[0]].max() == lengths.max()                # the longest input goes first
+    padded = lambda bs: sum(len(b) * lengths[b].max() for b in bs)   # noqa: E731  (tokens a batch computes)
+    plain = [rows[s:s + 8] for s in range(0, 1003, 8)]
+    assert padded(batches) < 0.75 * padded(plain)
+    again = length_grouped_batches(rows, lengths, 8, np.random.default_rng(1))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))   # a function of the seed
+
+
+def test_group_by_length_epochs_and_fingerprints(tiny_bert, sample_manifest, tmp_path):
+    plain = TextFinetuner(sample_manifest, params(tiny_bert), tmp_path / "a")
+    grouped = TextFinetuner(sample_manifest, params(tiny_bert, group_by_length=True, batch_size=4), tmp_path / "b")
+    train = set(grouped.rows["train"].tolist())
+    for epoch in (0, 1):
+        batches = grouped.epoch_batches(epoch)
+        assert sorted(np.concatenate(batches).tolist()) == sorted(train)
+    assert not all(np.array_equal(a, b) for a, b in zip(grouped.epoch_batches(0), grouped.epoch_batches(1)))
+    # off (the default), the option is left out of the fingerprints: checkpoints and teacher stores written
+    # before it existed stay resumable / up to date; on, it makes a run of its own
+    assert "group_by_length" not in params_identity(plain.p)
+    assert params_identity(grouped.p)["group_by_length"] is True
+    assert plain.fingerprint != TextFinetuner(sample_manifest, params(tiny_bert, group_by_length=True),
+                                              tmp_path / "c").fingerprint
+
+
+def test_progress_bar_and_no_transformers_bars(tiny_bert, sample_manifest, tmp_path, monkeypatch, capfd):
+    import io
+
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    import pipeline.finetune as ft
+
+    out = io.StringIO()
+    bars = []
+
+    def bar(**kw):
+        bars.append(tqdm(file=out, mininterval=0, **kw))
+        return bars[-1]
+
+    monkeypatch.setattr(ft, "progress", bar)
+    hf_logging.enable_progress_bar()   # as with -v: transformers' own bars on
+    try:
+        tuner = TextFinetuner(sample_manifest, params(tiny_bert, epochs=1, save_every_steps=2), tmp_path / "ckpt")
+        capfd.readouterr()   # the base model's own loading (pipeline/encoders/text.py) is not this test's
+        lines = []
+        state = tuner.train(log=lines.append)
+        tuner.load("best")
+        assert hf_logging.is_progress_bar_enabled()   # restored after each save and load
+    finally:
+        hf_logging.disable_progress_bar()
+    assert bars[0].total == state["step"] and bars[0].n == state["step"]
+    text = out.getvalue()
+    assert "step/s" in text and "loss=" in text, text[-500:]
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err, err[-500:]
+    assert "steps/s" in lines[-1] and state["history"][0]["train_seconds"] > 0, lines

@@ -148,3 +148,25 @@ def test_a_store_missing_an_utterance_names_the_file(sample_manifest, sample_med
         assert len(s.audio(sample_manifest.utt_ids[0])) > 0
         with pytest.raises(StoreError, match=re.escape(str(sample_media)) + r": .* e\.g\. \['nope'\]"):
             s.frames("nope")
+
+
+def test_chunks_computed_by_several_runs_side_by_side(sample_manifest, tmp_path):
+    """Two runs of one fingerprint fill one .partial folder, each its own chunks (as torchrun ranks do); the
+    second opening leaves the first's chunks alone, and the assembled store is the single run's."""
+    from pipeline.store import ChunkedRun, StoreLayout, assemble, chunk_bounds, run_chunks
+
+    n, size = len(sample_manifest), 4
+    enc = CountingEncoder("count", CountingConfig())
+    compute = lambda s, e: enc.encode(sample_manifest.rows.iloc[s:e], sample_manifest)   # noqa: E731
+    a = ChunkedRun(tmp_path / "f.h5", "fp")
+    assert run_chunks(a, n, size, compute, chunks=[0, 2, 4])[0] == 3
+    b = ChunkedRun(tmp_path / "f.h5", "fp")   # another rank opens the folder: nothing is discarded
+    n_chunks = len(chunk_bounds(n, size))
+    assert run_chunks(b, n, size, compute, chunks=[i for i in range(n_chunks) if i not in (0, 2, 4)])[0] == n_chunks - 3
+    assemble(b, sample_manifest.utt_ids, n_chunks, StoreLayout(fixed=["pooled"]), {"fingerprint": "fp"})
+    run(sample_manifest, tmp_path / "ref.h5")
+    with FeatureStore(tmp_path / "f.h5") as x, FeatureStore(tmp_path / "ref.h5") as y:
+        assert x.pooled().tobytes() == y.pooled().tobytes() and x.utt_ids == y.utt_ids
+    assert not ChunkedRun(tmp_path / "g.h5", "fp").done(0)
+    ChunkedRun(tmp_path / "g.h5", "fp").save(0, {"pooled": np.zeros((1, 3), np.float32), "valid": np.ones(1, bool)})
+    assert not ChunkedRun(tmp_path / "g.h5", "other").done(0)   # another fingerprint: chunks discarded

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
+from pipeline.configs import RUN_ONLY
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError, from_dict
 from pipeline.runtime import compute_precision, quantize_linear_int8, resolve_device, resolve_weights, weights_hash
@@ -41,8 +42,9 @@ class Encoder(ABC):
 
     def provenance(self) -> dict[str, Any]:
         """Attributes written into the store (weights id and hash, sampling, dtype, ...)."""
+        config = {k: v for k, v in asdict(self.config).items() if k not in RUN_ONLY}   # procs: how, not what
         return {"encoder": self.name, "encoder_kind": self.kind, "modality": self.modality,
-                "config": asdict(self.config), "config_hash": fingerprint(asdict(self.config)), "dtype": "float32"}
+                "config": config, "config_hash": fingerprint(config), "dtype": "float32"}
 
     @abstractmethod
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore | None):
