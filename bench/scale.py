@@ -14,6 +14,13 @@ Peak RSS: `rss max` is the kernel's high-water mark of the largest single proces
 exact); `rss tree` is the largest sum over the stage's whole process tree (workers, torchrun ranks) seen by
 sampling it every 50 ms with psutil (when installed; may miss a short spike).
 
+Each stage runs through DVC (`dvc repro --single-item <stage>` in a temp copy of the project, so the times
+include DVC's hashing and caching of the outputs, as a user's run does). At the largest size it then measures:
+- the feature-store read throughput of a head's training data: `pooled` of every store, and the ragged `seq`
+  of the text store (`return_sequence: true` here) read utterance by utterance, each as MB/s against a raw
+  sequential read of the same file (target >= 50%);
+- `dvc repro` after one head's param edit (its dropout) as a fraction of the whole run (target <= 2%).
+
     python bench/scale.py                          # 60 and 600 dialogues (1x, 10x)
     python bench/scale.py --dialogues 60,600,1400  # and MELD's size (~23x)
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,16 +43,17 @@ ENCODERS = ["text_minilm", "audio_egemaps", "visual_c3d"]
 HEAD = "fusion_mlp"
 
 
-def stage_list(encoders: list[str], head: str | None) -> list[tuple[str, list[str], str]]:
-    """(stage name, command arguments after `python -m`, output path) in pipeline order."""
-    out = [("make_sample", ["stages.make_sample", "--out", "data/raw/sample"], "data/raw/sample"),
-           ("prepare", ["stages.prepare", "--dataset", "sample"], "data/manifest/sample"),
-           ("decode", ["stages.decode", "--dataset", "sample"], "data/media/sample.h5")]
-    out += [(f"extract:{e}", ["stages.extract", "--dataset", "sample", "--encoder", e],
-             f"data/features/sample/{e}.h5") for e in encoders]
+def stage_list(encoders: list[str], head: str | None) -> list[tuple[str, str, str]]:
+    """(row name, DVC stage, its output path) in pipeline order."""
+    out = [("check", "check", "data/params.checked"),
+           ("make_sample", "make_sample@sample", "data/raw/sample"),
+           ("prepare", "prepare@sample", "data/manifest/sample"),
+           ("decode", "decode@sample", "data/media/sample.h5")]
+    out += [(f"extract:{e}", f"extract@sample-{e}", f"data/features/sample/{e}.h5") for e in encoders]
     if head:
-        out.append((f"train:{head}", ["stages.train", "--dataset", "sample", "--head", head],
-                    f"models/sample/{head}.safetensors"))
+        out += [(f"inputs:{head}", f"inputs@sample-{head}", f"data/inputs/sample/{head}.json"),
+                (f"train:{head}", f"train@sample-{head}", f"models/sample/{head}.safetensors")]
+    out.append(("report", "report", "reports"))
     return out
 
 
@@ -52,12 +61,23 @@ def write_params(project: Path, dialogues: int, encoders: list[str], head: str |
     """The repository's params.yaml with the sample's size, the dataset and what runs changed."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["sample"] = {**params.get("sample", {}), "dialogues": dialogues}
+    params["samples"] = ["sample"]
     params["datasets"] = ["sample"]
     params["extract"] = list(encoders)
     params["teachers"] = []
     params["train"] = [head] if head else []
-    params["trainer"] = {**params.get("trainer", {}), "epochs": epochs, "patience": epochs}
+    params["trainer"] = {**params.get("trainer", {}), "epochs": epochs, "patience": epochs, "seeds": [0]}
+    if "text_minilm" in params["encoders"]:   # the ragged read below needs one store with `seq`
+        params["encoders"]["text_minilm"]["return_sequence"] = True
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(project: Path) -> None:
+    """A DVC project (no git) holding a copy of this repository's code and dvc.yaml."""
+    for name in ("pipeline", "stages", "heads", "ercflow"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
 
 
 def size_of(path: Path) -> int:
@@ -104,27 +124,77 @@ def _rss(p) -> int:
         return 0
 
 
-def measure(dialogues: int, encoders: list[str], head: str | None, epochs: int, keep: Path | None = None) -> list[dict]:
-    """Run every stage on a sample of `dialogues` dialogues in a fresh temp project; one row per stage."""
+def measure(dialogues: int, encoders: list[str], head: str | None, epochs: int, keep: Path | None = None,
+            extras: bool = False) -> tuple[list[dict], dict]:
+    """Run every stage on a sample of `dialogues` dialogues in a fresh temp project; one row per stage, and
+    with `extras` the read throughput and the cost of a re-run after a head's param edit."""
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(keep or tmp)
         project.mkdir(parents=True, exist_ok=True)
+        make_project(project)
         write_params(project, dialogues, encoders, head, epochs)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               "PYTHONPATH": str(project), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TQDM_DISABLE": "1", "ERCFLOW_LOG_LEVEL": "WARNING"}
         rows, n = [], None
-        for name, args, output in stage_list(encoders, head):
-            seconds, cpu, code, max_rss, tree, tail = run_measured([sys.executable, "-m", *args], project, env)
+        for name, stage, output in stage_list(encoders, head):
+            seconds, cpu, code, max_rss, tree, tail = run_measured(
+                [sys.executable, "-m", "dvc", "repro", "-q", "--single-item", stage], project, env)
             if code != 0:
                 raise SystemExit(f"{name} at {dialogues} dialogues failed (exit {code}):\n{tail}")
             if n is None and (project / "data/manifest/sample/manifest.csv").exists():
                 n = sum(1 for _ in open(project / "data/manifest/sample/manifest.csv")) - 1
             rows.append({"dialogues": dialogues, "stage": name, "seconds": seconds, "cpu_seconds": cpu,
-                         "max_rss": max_rss,
-                         "tree_rss": tree, "output_bytes": size_of(project / output)})
+                         "max_rss": max_rss, "tree_rss": tree, "output_bytes": size_of(project / output)})
         for r in rows:
             r["utterances"] = n
-        return rows
+        extra = {}
+        if extras:
+            extra["reads"] = read_throughput(sorted((project / "data/features/sample").glob("*.h5")))
+            if head:
+                extra["edit"] = rerun_after_edit(project, head, env, sum(r["seconds"] for r in rows))
+        return rows, extra
+
+
+def read_throughput(stores: list[Path]) -> list[dict]:
+    """MB/s of reading each store's `pooled` (and `seq`, row by row, as a head's data loader would) through
+    FeatureStore, against a raw sequential read of the same file (the page cache warmed by that first read)."""
+    import numpy as np
+
+    from pipeline.store import FeatureStore
+
+    out = []
+    for path in stores:
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+        raw = path.stat().st_size / (time.perf_counter() - t0)
+        with FeatureStore(path) as store:
+            ids = store.utt_ids
+            t0 = time.perf_counter()
+            pooled = store.pooled(ids)
+            out.append({"store": path.name, "what": "pooled", "mb": pooled.nbytes / 1e6,
+                        "mbps": pooled.nbytes / (time.perf_counter() - t0) / 1e6, "raw_mbps": raw / 1e6})
+            if store.has("seq"):
+                t0 = time.perf_counter()
+                nbytes = sum(np.asarray(store.sequence(u)).nbytes for u in ids)
+                out.append({"store": path.name, "what": "seq (per utterance)", "mb": nbytes / 1e6,
+                            "mbps": nbytes / (time.perf_counter() - t0) / 1e6, "raw_mbps": raw / 1e6})
+    return out
+
+
+def rerun_after_edit(project: Path, head: str, env: dict, full_seconds: float) -> dict:
+    """`dvc repro` after the head's dropout is edited in params.yaml: seconds, and the fraction of the run."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    options = params["heads"][head].setdefault("options", {})
+    options["dropout"] = round(float(options.get("dropout", 0.1)) + 0.05, 3)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    seconds, _, code, _, _, tail = run_measured([sys.executable, "-m", "dvc", "repro", "-q"], project, env)
+    if code != 0:
+        raise SystemExit(f"dvc repro after the edit failed (exit {code}):\n{tail}")
+    return {"param": f"heads.{head}.options.dropout", "seconds": seconds, "full_seconds": full_seconds,
+            "fraction": seconds / full_seconds}
 
 
 def mib(n: int) -> str:
@@ -158,6 +228,21 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_extras(extra: dict, dialogues: int) -> str:
+    lines = []
+    if extra.get("reads"):
+        lines += ["", f"feature-store reads at {dialogues} dialogues (MB/s; raw = sequential read of the file):",
+                  f"{'store':22s} {'what':20s} {'MB':>8s} {'MB/s':>8s} {'raw MB/s':>9s} {'share':>6s}"]
+        for r in extra["reads"]:
+            lines.append(f"{r['store']:22s} {r['what']:20s} {r['mb']:8.1f} {r['mbps']:8.0f} {r['raw_mbps']:9.0f} "
+                         f"{r['mbps'] / r['raw_mbps']:6.0%}")
+    if extra.get("edit"):
+        e = extra["edit"]
+        lines += ["", f"dvc repro after editing {e['param']}: {e['seconds']:.1f} s = {e['fraction']:.1%} of the "
+                      f"whole run ({e['full_seconds']:.0f} s)"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dialogues", default="60,600", help="comma-separated sample sizes (sample.dialogues)")
@@ -171,14 +256,17 @@ def main(argv=None):
     encoders = [e for e in args.encoders.split(",") if e]
     if args.keep and len(sizes) > 1:
         ap.error("--keep takes one size")
-    rows = []
+    rows, extra = [], {}
     for d in sizes:
         t0 = time.perf_counter()
-        rows += measure(d, encoders, args.head or None, args.epochs, Path(args.keep) if args.keep else None)
+        got, extra = measure(d, encoders, args.head or None, args.epochs,
+                             Path(args.keep) if args.keep else None, extras=d == max(sizes))
+        rows += got
         print(f"# {d} dialogues: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     print(report(rows))
+    print(report_extras(extra, max(sizes)))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"stages": rows, **extra}, indent=1))
 
 
 if __name__ == "__main__":

@@ -293,6 +293,7 @@ class H5Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._offsets: dict[str, np.ndarray] = {}
         if not self.path.exists():
             partial = self.path.with_name(self.path.name + ".partial")
             hint = " (an interrupted run left chunks; re-run the stage to resume)" if partial.exists() else ""
@@ -373,7 +374,9 @@ class H5Store:
         return self.file[name][:][self.rows(utt_ids)]  # per-row arrays here are small: read all, index
 
     def ragged_row(self, name: str, row: int) -> np.ndarray:
-        off = self.file[f"{name}_offsets"]
+        off = self._offsets.get(name)
+        if off is None:   # read once: an h5py read per row of the offsets would cost as much as the row
+            off = self._offsets[name] = self.file[f"{name}_offsets"][:]
         return self.file[name][off[row]:off[row + 1]]
 
     def problems(self) -> list[dict]:
@@ -416,11 +419,26 @@ class MediaStore(H5Store):
 
 
 class FeatureStore(H5Store):
-    """Encoder output: `pooled` [N, D], optional `seq` (ragged [T, D]) and `logits` [N, C], `valid` [N]."""
+    """Encoder output: `pooled` [N, D], optional `seq` (ragged [T, D]) and `logits` [N, C], `valid` [N].
+
+    A store that kept several hidden layers of its encoder (`layers: all | [i, ...]`,
+    pipeline/encoders/layers.py) has `pooled` [N, L, D] and `seq` [T, L, D], and its `layers` attribute lists
+    the L `hidden_states` indices in order; `dim` is D either way."""
 
     @property
     def dim(self) -> int:
-        return int(self.file["pooled"].shape[1])
+        return int(self.file["pooled"].shape[-1])
+
+    @property
+    def layers(self) -> list[int] | None:
+        """The hidden-state indices of the L layers of a [N, L, D] store; None for a [N, D] one."""
+        shape = self.file["pooled"].shape
+        if len(shape) != 3:
+            return None
+        layers = self.attrs.get("layers")
+        if not isinstance(layers, list) or len(layers) != shape[1]:
+            raise self.error(f"damaged store: `pooled` holds {shape[1]} layers, its `layers` attribute says {layers!r}")
+        return [int(i) for i in layers]
 
     def pooled(self, utt_ids: Iterable[str] | None = None) -> np.ndarray:
         return self.fixed("pooled", utt_ids)

@@ -21,8 +21,8 @@ def test_extract_bench_runs_and_prints_ratios():
 
 
 def test_scale_bench_runs_every_stage_and_reports_ratios(tmp_path):
-    """bench/scale.py on a 3-dialogue sample (each stage a process, as dvc runs it); the ratio table from
-    made-up rows of two sizes."""
+    """bench/scale.py on a 3-dialogue sample (each stage through `dvc repro --single-item`, as a user runs it),
+    with the read throughput and the re-run after a param edit; the ratio table from made-up rows of two sizes."""
     sys.path.insert(0, str(ROOT / "bench"))
     import scale
 
@@ -30,16 +30,21 @@ def test_scale_bench_runs_every_stage_and_reports_ratios(tmp_path):
                           "--json", str(tmp_path / "rows.json")], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["stage"] for r in rows] == ["make_sample", "prepare", "decode", "extract:text_minilm",
-                                          "extract:audio_egemaps", "extract:visual_c3d", "train:fusion_mlp"]
+    got = json.loads((tmp_path / "rows.json").read_text())
+    rows = got["stages"]
+    assert [r["stage"] for r in rows] == ["check", "make_sample", "prepare", "decode", "extract:text_minilm",
+                                          "extract:audio_egemaps", "extract:visual_c3d", "inputs:fusion_mlp",
+                                          "train:fusion_mlp", "report"]
     for r in rows:
         assert r["utterances"] > 0 and r["seconds"] > 0 and r["cpu_seconds"] > 0 and r["max_rss"] > 2 ** 20, r
-        assert r["output_bytes"] > 0, r
-    assert "extract:visual_c3d" in out.stdout
-    two = [dict(r, dialogues=3) for r in rows[:2]] + [dict(r, dialogues=30, utterances=r["utterances"] * 10,
-                                                           seconds=r["seconds"] * 20, max_rss=r["max_rss"] * 3,
-                                                           cpu_seconds=r["cpu_seconds"] * 5) for r in rows[:2]]
+    assert all(r["output_bytes"] > 0 for r in rows if r["stage"].startswith(("make", "decode", "extract", "train")))
+    reads = {(r["store"], r["what"]) for r in got["reads"]}
+    assert ("text_minilm.h5", "seq (per utterance)") in reads and ("visual_c3d.h5", "pooled") in reads
+    assert got["edit"]["param"] == "heads.fusion_mlp.options.dropout" and 0 < got["edit"]["fraction"] < 1
+    assert "extract:visual_c3d" in out.stdout and "dvc repro after editing" in out.stdout
+    two = [dict(r, dialogues=3) for r in rows[1:3]] + [dict(r, dialogues=30, utterances=r["utterances"] * 10,
+                                                            seconds=r["seconds"] * 20, max_rss=r["max_rss"] * 3,
+                                                            cpu_seconds=r["cpu_seconds"] * 5) for r in rows[1:3]]
     table = scale.report(two).splitlines()
     assert "10.0x the utterances" in table[table.index("") + 1], table
     ratios = {line.split()[0]: line.split()[1:] for line in table[table.index("") + 3:]}
