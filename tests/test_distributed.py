@@ -72,7 +72,8 @@ def same_store(a: Path, b: Path) -> None:
 def encoders(tiny_bert):
     return {"text": {"kind": "hf_text", "weights": tiny_bert, "input_format": "indi_context", "context_window": 3,
                      "pooling": "mean", "max_length": 48, "batch_size": 4, "device": "cpu", "return_sequence": True},
-            "c3d": {"kind": "cnn3d", "width": 4, "out_dim": 16, "frames": 4, "batch_size": 4, "device": "cpu"}}
+            "c3d": {"kind": "cnn3d", "width": 4, "out_dim": 16, "frames": 4, "batch_size": 4, "device": "cpu"},
+            "egemaps": {"kind": "opensmile", "workers": 0}}
 
 
 def test_two_ranks_write_the_single_process_store(tiny_bert, sample_manifest, sample_media, tmp_path):
