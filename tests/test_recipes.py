@@ -51,3 +51,12 @@ def test_recipe_checks_and_builds_its_stages(tmp_path, name):
     stages = set(out.stdout.split())
     assert {"check", "report"} | EXPECTED[name] <= stages, sorted(stages)
     assert not any(s.startswith("make_sample") or s.endswith("@sample") for s in stages)
+
+
+def test_a_transcripts_recipe_is_text_only_over_the_demo_params():
+    """The demo's params give MELD a media `root`; the CPU recipe's `csv_dir` must not inherit it (else every
+    clip would be reported missing and decoded as absent, 13k times)."""
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert base["data"]["meld"].get("root")
+    meld = apply_recipe("meld-text-cpu", base)["data"]["meld"]
+    assert meld["csv_dir"] and meld.get("root") is None
