@@ -537,7 +537,10 @@ def cross_reference_problems(raw: Mapping[str, Any], kinds: Mapping[str, str]) -
                 and name not in names("samples")):
             problems.append(f"data.{name}: its root data/raw/{name} is written by make_sample@{name}: list "
                             f"'{name}' in `samples`")
-        if adapter in ("sample", "meld", "iemocap") and not d.get("root"):
+        if adapter == "meld" and not (d.get("root") or d.get("csv_dir")):
+            problems.append(f"data.{name}.root: missing (the meld adapter needs `root`, or `csv_dir` alone for "
+                            "the transcripts without clips)")
+        elif adapter in ("sample", "iemocap") and not d.get("root"):
             problems.append(f"data.{name}.root: missing (required by the {adapter} adapter)")
         if adapter == "generic" and not d.get("manifest"):
             problems.append(f"data.{name}.manifest: missing (required by the generic adapter)")
