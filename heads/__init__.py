@@ -2,8 +2,14 @@
 
 Every head is an `ERCHead`: it maps a `DialogueBatch` to per-utterance outputs [B, L, C] (class logits, or
 one value per dimension for dimensional targets) and owns its loss.
+
+A modality whose store kept several encoder layers (features [B, L, n_layers, D]) is given to the head as
+(n_layers, D) in `dims`: the head gets a `LayerMix` for it (heads/layers.py) and `mix(batch)`, the first step
+of every head's `forward` and `loss`, turns its features into [B, L, D]; the rest of the head sees D only.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -11,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from heads.data import IGNORE, DialogueBatch
+from heads.layers import LayerMix
 
 HEADS: dict[str, type["ERCHead"]] = {}
 
@@ -52,18 +59,50 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, weight:
     return -(w * (1 - log_p.exp()) ** gamma * log_p).sum() / w.sum().clamp(min=1e-12)
 
 
+def layer_shape(dim) -> tuple[int | None, int]:
+    """(number of layers or None, feature size) of a modality's input size: D, or (L, D) for L layers."""
+    shape = [int(d) for d in np.atleast_1d(dim)]
+    if len(shape) == 1:
+        return None, shape[0]
+    if len(shape) == 2 and shape[0] > 1:
+        return shape[0], shape[1]
+    raise ValueError(f"an input size is D or (layers, D) with at least 2 layers, not {dim!r}")
+
+
 class ERCHead(nn.Module):
     """Base: `forward(batch) -> outputs [B, L, n_out]`; `loss(batch, outputs)` is CE or MSE by task.
 
     The categorical task loss may be class-weighted and focal (`set_task_loss`, from the trainer params);
-    the papers' own terms (TelME's distillation, MaTAV's MEC) are added to it unchanged."""
+    the papers' own terms (TelME's distillation, MaTAV's MEC) are added to it unchanged.
 
-    def __init__(self, dims: dict[str, int], n_out: int, task: str):
+    `dims[m]` is D, or (n_layers, D) for a store of several layers: `self.dims[m]` is D either way, and
+    `self.mixers[m]` the LayerMix of such a modality (no mixer, parameter or state otherwise)."""
+
+    def __init__(self, dims: dict[str, int | tuple[int, int]], n_out: int, task: str):
         super().__init__()
-        self.dims, self.n_out, self.task = dims, n_out, task
+        shapes = {m: layer_shape(d) for m, d in dims.items()}
+        self.dims, self.n_out, self.task = {m: d for m, (_, d) in shapes.items()}, n_out, task
         self.modalities = list(dims)
+        self.mixers = nn.ModuleDict({m: LayerMix(n) for m, (n, _) in shapes.items() if n is not None})
         self.register_buffer("ce_weight", None, persistent=False)
         self.focal_gamma = 0.0
+
+    def mix(self, batch: DialogueBatch) -> DialogueBatch:
+        """The batch with each layered modality's features [B, L, n_layers, D] mixed to [B, L, D] (the same
+        batch when there is nothing to mix); several-layer features without a mixer are refused."""
+        mixed = {}
+        for m, x in batch.features.items():
+            if x.dim() != 4:
+                continue
+            if m not in self.mixers:
+                raise ValueError(f"{m}: features of {x.shape[-2]} layers, but this head was built for one-layer "
+                                 f"{m} features (give its dims as (layers, D) to learn a layer mix)")
+            mixed[m] = self.mixers[m](x)
+        return dataclasses.replace(batch, features={**batch.features, **mixed}) if mixed else batch
+
+    def layer_weights(self) -> dict[str, list[float]]:
+        """The learned softmax weight of each layer, per layered modality (what carries the emotion)."""
+        return {m: [float(w) for w in mix.weights().detach().cpu()] for m, mix in self.mixers.items()}
 
     def set_task_loss(self, weight: np.ndarray | None = None, focal_gamma: float = 0.0) -> None:
         self.ce_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)

@@ -16,9 +16,10 @@ class LateFusionMLP(ERCHead):
     def __init__(self, dims, n_out, task, hidden: int = 128, dropout: float = 0.2):
         super().__init__(dims, n_out, task)
         self.encoders = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout))
-                                       for m, d in dims.items()})
+                                       for m, d in self.dims.items()})
         self.out = nn.Linear(hidden * len(dims), n_out)
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
+        batch = self.mix(batch)
         parts = [self.encoders[m](batch.features[m]) * batch.valid[m][..., None] for m in self.modalities]
         return self.out(torch.cat(parts, dim=-1))

@@ -9,12 +9,16 @@ object:
     options         the head's options as in params.yaml
     task            categorical | dimensional
     modalities      e.g. ["text", "audio", "visual"]
-    dims            input size per modality, n_out: output size (what `build_head` needs)
+    dims            input size per modality, n_out: output size (what `build_head` needs); a modality whose
+                    store kept several layers has its LayerMix in the tensors (`mixers.<m>.logits` [L]), which
+                    gives its number of layers back
     labels          class names (categorical), dimensions: names of the dimensional targets
     features        per modality, the recipe of its training store (`store_recipe`): encoder name, kind and
                     full config, weights and their content hash (a teacher: its checkpoint), and for audio/visual
                     encoders the decode config of the media they read — what `ercflow predict` rebuilds
-    normalization   per modality, the train split's feature mean and std the head was trained with
+    normalization   per modality, the train split's feature mean and std the head was trained with ([D], or
+                    [L, D] for a several-layer store)
+    layer_weights   per layered modality, the learned softmax weight of each layer (for people; not read back)
 plus whatever else the writer adds (dataset, params name, best epoch). A truncated, foreign or pickled file
 is a `BundleError` naming the file.
 """
@@ -106,12 +110,22 @@ def load_head(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, meta
 
 
+def bundle_dims(meta: dict, state: dict[str, torch.Tensor]) -> dict[str, int | tuple[int, int]]:
+    """`build_head`'s input sizes: the metadata's D per modality, as (layers, D) where the tensors hold a
+    LayerMix of that many layers for it."""
+    out = {}
+    for m, d in meta["dims"].items():
+        d = int(d[-1]) if isinstance(d, list) else int(d)
+        mix = state.get(f"mixers.{m}.logits")
+        out[m] = (int(mix.shape[0]), d) if mix is not None else d
+    return out
+
+
 def load_trained_head(path: str | Path) -> ERCHead:
     """The head of a bundle, built from its metadata with its weights loaded (strict), in eval mode."""
     state, meta = load_head(path)
     try:
-        head = build_head(meta["head"], {m: int(d) for m, d in meta["dims"].items()}, int(meta["n_out"]),
-                          meta["task"], meta["options"])
+        head = build_head(meta["head"], bundle_dims(meta, state), int(meta["n_out"]), meta["task"], meta["options"])
         head.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise BundleError(f"{path}: the weights do not fit head '{meta['head']}' built from its metadata "

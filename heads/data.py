@@ -2,7 +2,9 @@
 
 A batch holds B dialogues padded to the longest, L turns:
 - `features[m]` [B, L, D_m] float per modality, standardised with train-split statistics, zeros where the
-  utterance is padding or its input was masked; `valid[m]` [B, L] bool says which;
+  utterance is padding or its input was masked; `valid[m]` [B, L] bool says which; a modality whose store
+  kept several encoder layers is [B, L, n_layers, D_m], each layer standardised on its own (the head's
+  LayerMix, heads/layers.py, then weighs layers of comparable scale);
 - `mask` [B, L] bool (real utterances), `speakers` [B, L] long (per-dialogue ids), `rows` [B, L] manifest
   rows (-1 on padding);
 - `labels` [B, L] long class ids (-100 on padding / unlabelled) and `dims` [B, L, n_dims] float
@@ -47,8 +49,10 @@ class DialogueBatch:
 class CachedDialogues:
     """All rows of a manifest with the pooled features of each modality's store, held in memory.
 
-    Features are standardised per dimension with the train split's valid rows (`stats[m]` = (mean, std)), or
-    with given `stats` — a trained model's own, so that new data is scaled exactly as its training data was."""
+    Features are standardised per dimension (per layer and dimension for a [N, L, D] store) with the train
+    split's valid rows (`stats[m]` = (mean, std), each [D] or [L, D]), or with given `stats` — a trained
+    model's own, so that new data is scaled exactly as its training data was. `layers[m]`: the hidden-state
+    indices of a several-layer store."""
 
     def __init__(self, manifest: Manifest, stores: dict[str, str], normalize: bool = True,
                  stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
@@ -58,6 +62,7 @@ class CachedDialogues:
         self.dim_names = manifest.meta.dimensions
         ids = manifest.utt_ids
         self.features, self.valid, self.extra, self.provenance, self.stats = {}, {}, {}, {}, {}
+        self.layers: dict[str, list[int]] = {}
         train = (manifest.rows["split"] == "train").to_numpy()
         for m, path in stores.items():
             with FeatureStore(path) as store:
@@ -66,7 +71,9 @@ class CachedDialogues:
                 logits = store.logits(ids)
                 self.provenance[m] = {k: store.attrs.get(k) for k in ("encoder", "weights", "weights_hash",
                                                                       "fingerprint")}
-            bad = ~np.isfinite(x).all(axis=1)
+                if store.layers is not None:
+                    self.layers[m] = store.layers
+            bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)   # a NaN in any layer masks the row
             if bad.any():  # a NaN feature would poison every gradient: mask the utterance instead
                 ok &= ~bad
                 x[bad] = 0.0
@@ -77,10 +84,10 @@ class CachedDialogues:
                     ref = x[train & ok] if (train & ok).any() else x[ok]
                     mean, std = ref.mean(0), np.where(ref.std(0) > 1e-6, ref.std(0), 1.0).astype(np.float32)
                 if mean.shape != x.shape[1:]:
-                    raise ValueError(f"{path}: {x.shape[1]}-d features, but the model was trained on "
-                                     f"{mean.shape[0]}-d ones for {m}")
+                    raise ValueError(f"{path}: features of shape {list(x.shape[1:])} per utterance, but the model "
+                                     f"was trained on {list(mean.shape)} ones for {m} ([D], or [layers, D])")
                 self.stats[m] = (mean, std)
-                x = np.where(ok[:, None], (x - mean) / std, 0.0).astype(np.float32)
+                x = np.where(ok.reshape(-1, *[1] * (x.ndim - 1)), (x - mean) / std, 0.0).astype(np.float32)
             self.features[m], self.valid[m] = x, ok
             if logits is not None:
                 self.extra[f"{m}_logits"] = logits.astype(np.float32)
@@ -89,8 +96,10 @@ class CachedDialogues:
                            else np.zeros((len(manifest), 0), np.float32))
         self.speakers = manifest.speaker_index()
 
-    def dim(self, modality: str) -> int:
-        return self.features[modality].shape[1]
+    def dim(self, modality: str) -> int | tuple[int, int]:
+        """A modality's input size for `build_head`: D, or (layers, D) for a several-layer store."""
+        shape = self.features[modality].shape[1:]
+        return int(shape[0]) if len(shape) == 1 else tuple(int(s) for s in shape)
 
     def dialogues(self, split: str) -> list[np.ndarray]:
         return self.manifest.dialogues(split)

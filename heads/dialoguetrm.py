@@ -151,7 +151,7 @@ class DialogueTRM(ERCHead):
         context = {"text": "dependent", "audio": "free", "visual": "free", **(context or {})}
         self.fusion = fusion
         self.intra = nn.ModuleDict({m: IntraModalTransformer(d, d_model, intra_layers, intra_heads, dropout,
-                                                             context[m], window) for m, d in dims.items()})
+                                                             context[m], window) for m, d in self.dims.items()})
         fused_dim = d_model
         if len(dims) > 1 and fusion.startswith(("mgif", "no_")):
             self.mgif = MGIF(self.modalities, d_model, inter_layers, inter_heads, dropout,
@@ -162,6 +162,7 @@ class DialogueTRM(ERCHead):
         self.discriminator = Discriminator(fused_dim, d_model, n_out)
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
+        batch = self.mix(batch)
         valid = {m: batch.valid[m] & batch.mask for m in self.modalities}
         reps = {m: self.intra[m](batch.features[m] * valid[m][..., None], valid[m]) for m in self.modalities}
         # fusion and discriminator are per utterance: run them on the real turns only, not on padding

@@ -26,4 +26,10 @@ def save_trained_head(path, name: str, hp: HeadParams, head: ERCHead, result: Tr
         "dims": dict(head.dims), "n_out": head.n_out, "labels": data.labels, "dimensions": data.dim_names,
         "features": {m: store_recipe(p, media_path) for m, p in stores.items()},
         "normalization": {m: {"mean": mean.tolist(), "std": std.tolist()} for m, (mean, std) in data.stats.items()},
-        "name": name, "best_epoch": result.best_epoch, **extra})
+        "layer_weights": layer_weights(head, data), "name": name, "best_epoch": result.best_epoch, **extra})
+
+
+def layer_weights(head: ERCHead, data: CachedDialogues) -> dict[str, dict[str, float]]:
+    """Per layered modality, its learned softmax weight by hidden-state index (`"0"`: the embeddings)."""
+    return {m: {str(i): round(w, 6) for i, w in zip(data.layers.get(m, range(len(ws))), ws)}
+            for m, ws in head.layer_weights().items()}

@@ -120,7 +120,7 @@ class MaTAV(ERCHead):
                  mec_symmetric: bool = False, mamba: bool = True):
         super().__init__(dims, n_out, task)
         self.mec_weight = mec_weight
-        self.align = TAVAlignment(dims, d_proj, queue_size, momentum, temperature, mec_symmetric)
+        self.align = TAVAlignment(self.dims, d_proj, queue_size, momentum, temperature, mec_symmetric)
         # one map for every modality from the shared alignment space to d_model keeps MEC's geometry: what
         # MEC pulls together stays together in the tokens the cross-attention reads
         self.to_model = nn.Linear(d_proj, d_model)
@@ -141,6 +141,7 @@ class MaTAV(ERCHead):
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
         # the per-utterance fusion runs on real turns only; Mamba then sees the padded dialogue
+        batch = self.mix(batch)
         feats, valid = self.real_turns(batch)
         aligned = self.align(feats)                                    # g_m(x_m): what MEC aligns
         toks = torch.stack([self.to_model(aligned[k] * self.token_scale) for k in self.modalities], dim=1)
@@ -158,7 +159,7 @@ class MaTAV(ERCHead):
         ce = self.task_loss(batch, out)
         parts = {"task": float(ce.detach())}
         if self.mec_weight and len(self.modalities) > 1:
-            feats, valid = self.real_turns(batch)
+            feats, valid = self.real_turns(self.mix(batch))   # MEC trains the layer mix too
             mec = self.align.loss(feats, valid, update=self.training)
             if mec is not None:
                 parts["mec"] = float(mec.detach())

@@ -12,6 +12,10 @@ students, then Attention-based modality Shifting Fusion (ASF) shifts the teacher
   The fusion sees the students' vectors detached: the students learn only from L_student (the paper's
   distillation stage) and the fusion only from its own CE (its fusion stage), in one training run.
 - Table 3 ablations: `response: false`, `feature: false`, `fusion: concat` (CE-trained students, concatenated).
+- `students: mlp` (default, the cheap reading) trains the MLP students above over frozen audio/visual stores.
+  `students: stores` is the paper's two-stage reading: the audio/visual stores already are the students'
+  representations (encoders fine-tuned with the `telme_student` objective, pipeline/distil.py, projected to the
+  teacher's size), so ASF fuses them as they are and the head trains with the fusion's CE alone (§3.2.4).
 """
 from __future__ import annotations
 
@@ -102,22 +106,31 @@ class TelME(ERCHead):
     def __init__(self, dims, n_out, task, teacher: str = "text", alpha: float = 1.0, beta: float = 1.0,
                  tau_response: float = 2.0, tau_feature: float = 1.0, theta: float = 0.1, dropout: float = 0.1,
                  heads: int = 3, response: bool = True, feature: bool = True, fusion: str = "asf",
-                 student_hidden: int | None = None):
+                 student_hidden: int | None = None, students: str = "mlp"):
         super().__init__(dims, n_out, task)
         if teacher not in dims:
             raise ValueError(f"TelME needs the teacher modality '{teacher}' among {list(dims)}")
         if fusion not in ("asf", "concat"):
             raise ValueError("TelME fusion: asf | concat")
+        if students not in ("mlp", "stores"):
+            raise ValueError(f"TelME students: mlp | stores, not {students!r}")
         self.teacher_name = teacher
         self.student_names = [m for m in dims if m != teacher]
-        d_t = dims[teacher]
+        d_t = self.dims[teacher]
         self.alpha, self.beta, self.tau_r, self.tau_f = alpha, beta, tau_response, tau_feature
         self.use_response, self.use_feature, self.fusion = response, feature, fusion
         # frozen teacher head: used when the text store has no logits; set by fit_teacher
         self.teacher_head = nn.Linear(d_t, n_out)
         self.teacher_head.requires_grad_(False)
-        self.students = nn.ModuleDict({m: Student(dims[m], d_t, n_out, dropout, student_hidden)
-                                       for m in self.student_names})
+        self.student_mode = students
+        if students == "stores":
+            wrong = {m: self.dims[m] for m in self.student_names if self.dims[m] != d_t}
+            if wrong:
+                raise ValueError(f"TelME students: stores fuses the student stores as they are, so each must have "
+                                 f"the teacher's dimension {d_t}; got {wrong} (a telme_student fine-tune projects "
+                                 "to it; or use students: mlp)")
+        self.students = nn.ModuleDict({m: Student(self.dims[m], d_t, n_out, dropout, student_hidden)
+                                       for m in self.student_names} if students == "mlp" else {})
         if self.student_names and fusion == "asf":
             while d_t % heads:
                 heads -= 1   # MultiheadAttention needs d % heads == 0
@@ -130,12 +143,16 @@ class TelME(ERCHead):
         self.fit_teacher(data)
 
     def fit_teacher(self, data, epochs: int = 200, lr: float = 1e-2) -> None:
-        """Fit the frozen linear teacher on the train split (when the text store has no logits)."""
+        """Fit the frozen linear teacher on the train split (when the text store has no logits); a layered
+        text store is seen through the head's layer mix as it is now (before training: the layers' mean)."""
         key = f"{self.teacher_name}_logits"
         if key in data.extra or self.task != "categorical":
             return
         rows = data.manifest.rows.index[data.manifest.rows["split"] == "train"].to_numpy()
         x = torch.from_numpy(data.features[self.teacher_name][rows])
+        if self.teacher_name in self.mixers:
+            with torch.no_grad():
+                x = self.mixers[self.teacher_name](x.to(self.mixers[self.teacher_name].logits.device)).cpu()
         y = torch.from_numpy(data.label_ids[rows])
         keep = (y >= 0) & torch.from_numpy(data.valid[self.teacher_name][rows])
         head = nn.Linear(x.shape[1], self.n_out)
@@ -158,11 +175,14 @@ class TelME(ERCHead):
         context-free, so the padding of a dialogue batch is never computed."""
         m = batch.mask
         f_t = batch.features[self.teacher_name][m]
+        if self.student_mode == "stores":   # the fine-tuned students' vectors; no logits of theirs are needed
+            return f_t, {s: (batch.features[s][m] * batch.valid[s][m][..., None], None) for s in self.student_names}
         students = {s: self.students[s](batch.features[s][m] * batch.valid[s][m][..., None])
                     for s in self.student_names}
         return f_t, students
 
     def forward(self, batch: DialogueBatch) -> torch.Tensor:
+        batch = self.mix(batch)
         f_t, students = self.encode(batch)
         vecs = [students[s][0].detach() for s in self.student_names]
         z = self.classifier(self.asf(f_t, vecs)) if hasattr(self, "asf") else \
@@ -170,7 +190,10 @@ class TelME(ERCHead):
         return batch.padded(z)
 
     def loss(self, batch: DialogueBatch, out: torch.Tensor):
+        batch = self.mix(batch)   # the students distil from the mixed teacher features
         fusion = self.task_loss(batch, out)
+        if self.student_mode == "stores":   # the students were distilled in their own fine-tune (stage 1)
+            return fusion, {"fusion": float(fusion.detach())}
         # the students' own pass: `forward` gives the fusion detached copies, so L_student trains them here
         f_t, students = self.encode(batch)
         parts = {"fusion": float(fusion.detach())}

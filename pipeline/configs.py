@@ -1,4 +1,4 @@
-"""The config of every encoder kind and of text fine-tuning: plain dataclasses, validated by the params
+"""The config of every encoder kind and of fine-tuning (text, audio, video): plain dataclasses, validated by the params
 schema (pipeline/params.py builds its pydantic models from them) and read by the encoders.
 
 They live here, apart from the encoders, so that reading params.yaml imports no model code: a stage that only
@@ -7,10 +7,17 @@ prepares a manifest does not depend on (and is not re-run by DVC for an edit of)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple, Union
+
+from pydantic import Field
 
 from pipeline.params import (Autocast, Device, Dropout, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                              Quantize, Seed)
+
+# which hidden states a transformers encoder keeps (pipeline/encoders/layers.py): `last` (the model's output,
+# `pooled` [N, D]), `all`, or a list of `hidden_states` indices (0 = embeddings, -1 = the last layer); several
+# layers make `pooled` [N, L, D] and the heads learn a weighted sum of them (heads/layers.py)
+Layers = Union[Literal["last", "all"], Annotated[list[int], Field(min_length=1)]]
 
 
 @dataclass
@@ -18,7 +25,9 @@ class HFTextConfig:
     weights: str
     revision: str | None = None
     input_format: Literal["utterance", "indi_context", "prompt"] = "utterance"
-    pooling: Literal["cls", "mean", "mask"] = "cls"
+    # target_mean: the mean of the target utterance's tokens only (indi_context / prompt), the model attending
+    # over the whole input
+    pooling: Literal["cls", "mean", "mask", "target_mean"] = "cls"
     context_window: int | None = None   # K; None: the whole history (prompt) / 5 (indi_context)
     speaker_tokens: PositiveInt = 9     # N of <s1>..<sN>; later speakers share <sN>
     max_length: PositiveInt = 256
@@ -26,8 +35,10 @@ class HFTextConfig:
     device: Device = "auto"
     autocast: Autocast = "bf16"         # CUDA only: bf16 | fp16 | none
     quantize: Quantize = "none"         # CPU only: int8 (dynamic int8 Linear layers) | none
+    runtime: Literal["torch", "onnx"] = "torch"   # CPU only: onnx runs the model with ONNX Runtime (float32)
     return_sequence: bool = False       # also store per-token features (ragged)
     on_empty: Literal["mask", "fail"] = "mask"   # an utterance with empty text
+    layers: Layers = "last"             # last | all | [i, j, ...]: hidden states kept (several: [N, L, D])
     procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
 
@@ -45,7 +56,8 @@ class OpenSmileConfig:
 class HFAudioConfig:
     weights: str                     # hub id or local dir: WavLM, data2vec-audio, wav2vec2, HuBERT, ...
     revision: str | None = None
-    layer: int = -1                  # which hidden layer to pool (-1: the last)
+    layer: int = -1                  # older spelling of `layers: [k]` (-1: not given)
+    layers: Layers = "last"          # last | all | [i, j, ...]: hidden states kept (several: [N, L, D])
     max_seconds: PositiveFloat = 20.0   # longer audio is cut (memory grows with length)
     min_seconds: PositiveFloat = 0.1
     silence_dbfs: float = -60.0      # audio whose RMS level is below this is masked as silent
@@ -53,6 +65,7 @@ class HFAudioConfig:
     device: Device = "auto"
     autocast: Autocast = "bf16"      # CUDA only: bf16 | fp16 | none
     quantize: Quantize = "none"      # CPU only: int8 (dynamic int8 Linear layers) | none
+    runtime: Literal["torch", "onnx"] = "torch"   # CPU only: onnx runs the model with ONNX Runtime (float32)
     return_sequence: bool = False    # also store the frame sequence (ragged, ~50 frames/s)
     prep_workers: int = -1           # DataLoader workers for feature extraction (-1: 2 on CUDA, 0 on CPU)
     procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
@@ -75,10 +88,12 @@ class HFVideoConfig:
     weights: str                  # hub id or local dir of a video transformer (TimeSformer, VideoMAE, ViViT)
     revision: str | None = None
     pooling: Literal["cls", "mean"] = "cls"   # cls | mean (over the patch tokens)
+    layers: Layers = "last"       # last | all | [i, j, ...]: hidden states kept (several: [N, L, D])
     batch_size: int = 0           # 0: 8 on CUDA, 1 on a CPU (see clip_batch_size)
     device: Device = "auto"
     autocast: Autocast = "bf16"   # CUDA only: bf16 | fp16 | none
     quantize: Quantize = "none"   # CPU only: int8 (dynamic int8 Linear layers) | none
+    runtime: Literal["torch", "onnx"] = "torch"   # CPU only: onnx runs the model with ONNX Runtime (float32)
     prep_workers: int = -1        # DataLoader workers reading + processing frames (-1: 2 on CUDA, 0 on CPU)
     procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
@@ -99,20 +114,24 @@ class VisExtNetConfig:
     procs: PositiveInt = 1   # processes computing the store side by side (torchrun; pipeline/distributed.py)
 
 
-@dataclass
-class FinetuneParams:
+@dataclass(kw_only=True)
+class FinetuneBase:
+    """What every fine-tune shares (pipeline/finetune.py): base weights, objective, optimiser, batches, run."""
     weights: str                          # hub id / local dir / package:<module>/<dir>
     revision: str | None = None
-    input_format: Literal["indi_context", "prompt", "utterance"] = "indi_context"   # DialogueTRM | TelME | -
-    pooling: Literal["cls", "mean", "mask"] = "cls"   # mask: the prompt's <mask> token (prompt only)
-    context_window: int | None = None
-    speaker_tokens: PositiveInt = 9
-    max_length: PositiveInt = 256
+    # ce: cross-entropy on the labels | telme_student: CE + alpha DIST + beta feature KD against the teacher
+    # store named by `distil.teacher` (TelME eq. 6-15; stage finetune_student)
+    objective: Literal["ce", "telme_student"] = "ce"
+    paper_defaults: Literal["meld", "iemocap"] | None = None   # telme_student: TelME Table 9's alpha, beta, taus
+    alpha: NonNegativeFloat | None = None         # telme_student, weight of L_response (None: paper_defaults' / 1)
+    beta: NonNegativeFloat | None = None          # weight of L_feature (None: paper_defaults' / 1)
+    tau_response: PositiveFloat | None = None     # None: paper_defaults' / 2
+    tau_feature: PositiveFloat | None = None      # None: paper_defaults' / 1
     lr: PositiveFloat = 6e-6              # DialogueTRM 6e-6 (1200 warmup steps); TelME 1e-5
     warmup_steps: NonNegativeInt = 1200
     weight_decay: NonNegativeFloat = 0.01
     epochs: PositiveInt = 10
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = 8           # per process: one step sees batch_size x grad_accum x processes
     grad_accum: PositiveInt = 1
     patience: PositiveInt = 3             # epochs without dev WF1 improvement
     class_weights: bool = False           # inverse-frequency CE weights (MELD is 47% neutral)
@@ -123,9 +142,49 @@ class FinetuneParams:
     seed: Seed = 0
     save_every_steps: NonNegativeInt = 200   # a resumable checkpoint this often (and at each epoch's end); 0: epochs only
     eval_batch_size: PositiveInt = 32
-    # batches of similar token length (shuffle, sort by length within mega-batches of 50 batches, shuffle the
+    # batches of similar input length (shuffle, sort by length within mega-batches of 50 batches, shuffle the
     # batches): less padding, ~2.5x less compute per epoch on MELD; changes the batches, so results move a little
     group_by_length: bool = False
+    procs: PositiveInt = 1   # processes training side by side (torchrun, DistributedDataParallel); run-only
+
+
+@dataclass(kw_only=True)
+class FinetuneParams(FinetuneBase):
+    """A text encoder fine-tuned on the labels (the text teacher: DialogueTRM's BERT, TelME's RoBERTa)."""
+    kind: Literal["hf_text"] = "hf_text"
+    input_format: Literal["indi_context", "prompt", "utterance"] = "indi_context"   # DialogueTRM | TelME | -
+    pooling: Literal["cls", "mean", "mask"] = "cls"   # mask: the prompt's <mask> token (prompt only)
+    context_window: int | None = None
+    speaker_tokens: PositiveInt = 9
+    max_length: PositiveInt = 256
+
+
+@dataclass(kw_only=True)
+class AudioFinetuneParams(FinetuneBase):
+    """A speech encoder fine-tuned from its pretrained weights (TelME's audio student: data2vec-audio), its
+    frames mean-pooled over the model's frame mask, input prepared by the hf_audio encoder's processor."""
+    kind: Literal["hf_audio"]
+    max_seconds: PositiveFloat = 20.0     # longer audio is cut (memory grows with length)
+    min_seconds: PositiveFloat = 0.1      # shorter audio is masked (not trained on; zero in the store)
+    silence_dbfs: float = -60.0           # audio whose RMS level is below this is masked as silent
+    lr: PositiveFloat = 1e-5              # TelME: AdamW 1e-5
+    warmup_steps: NonNegativeInt = 0
+    group_by_length: bool = True          # audio batches of similar duration
+
+
+@dataclass(kw_only=True)
+class VideoFinetuneParams(FinetuneBase):
+    """A video transformer fine-tuned from its pretrained weights (TelME's visual student: TimeSformer), on
+    `num_frames` of the media store's frames prepared by the hf_video encoder's image processor."""
+    kind: Literal["hf_video"]
+    pooling: Literal["cls", "mean"] = "cls"   # cls | mean (over the patch tokens)
+    lr: PositiveFloat = 1e-5
+    warmup_steps: NonNegativeInt = 0
+
+
+# finetune.<name>.kind -> its params (the default kind, for entries without one: hf_text, the text teacher)
+FINETUNE_KINDS = {"hf_text": FinetuneParams, "hf_audio": AudioFinetuneParams, "hf_video": VideoFinetuneParams}
+FINETUNE_MODALITY = {"hf_text": "text", "hf_audio": "audio", "hf_video": "visual"}
 
 
 # how an encoder is run, not what it computes: left out of a store's provenance and fingerprint (a store made

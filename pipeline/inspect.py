@@ -301,9 +301,9 @@ class Inspector:
         report.kind, report.encoder = a.get("encoder_kind"), a.get("encoder")
         report.weights = a.get("weights")
         report.weights_hash = a.get("weights_hash") or a.get("weights_revision")
-        report.dim = int(a["dim"]) if "dim" in a else int(f["pooled"].shape[1]) if "pooled" in f else None
+        report.dim = int(a["dim"]) if "dim" in a else int(f["pooled"].shape[-1]) if "pooled" in f else None
         report.compute = a.get("compute")
-        report.details = {k: a.get(k) for k in ("modality", "model_type", "code_version") if k in a}
+        report.details = {k: a.get(k) for k in ("modality", "model_type", "layers", "code_version") if k in a}
         report.details.update(logits="logits" in f, sequence="seq" in f)
         return report
 

@@ -4,9 +4,9 @@ Every section is a pydantic dataclass with `extra="forbid"`: a typo in params.ya
 silent default. Types are coerced the lax way (YAML reads `1e-3` as a string; a float field takes it),
 allowed values are `Literal[...]`, ranges are `Field` constraints.
 
-Encoder configs (`encoders.<name>`, chosen by `kind`) and teacher configs (`finetune.<name>`) are validated
-from the encoders' own `Config` dataclasses and `pipeline.finetune.FinetuneParams` (imported lazily: those
-modules import this one). Head options are checked by `ercflow/check.py`, which derives a model from each
+Encoder configs (`encoders.<name>`, chosen by `kind`) and fine-tune configs (`finetune.<name>`, chosen by
+`kind`, `hf_text` when absent) are validated from the dataclasses of pipeline/configs.py (imported lazily:
+that module imports this one). Head options are checked by `ercflow/check.py`, which derives a model from each
 head's `__init__` (pipeline/ does not import heads/) and passes it in as `head_options`; every stage loads
 its params through it. Cross-references (a listed dataset has a `data` entry, a head's store is extracted or
 fine-tuned and of the right modality, ...) are checked after the schema, and every problem is reported at
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, create_model
 from pydantic.dataclasses import dataclass
 
 from pipeline import UserError
@@ -139,6 +139,13 @@ class HeadParams:
 
 
 @dataclass(config=FORBID)
+class DistilParams:
+    """Students distilled from a teacher store (TelME's audio/visual students; stage finetune_student)."""
+    teacher: Optional[Name] = None   # a fine-tuned text teacher (in `teachers`): its store's logits and features
+    students: list[Name] = dataclasses.field(default_factory=list)   # entries of `finetune`, fine-tuned against it
+
+
+@dataclass(config=FORBID)
 class Params:
     datasets: list[Name] = dataclasses.field(default_factory=list)    # what `dvc repro` runs
     samples: list[Name] = dataclasses.field(default_factory=list)     # synthetic datasets generated (make_sample)
@@ -152,7 +159,8 @@ class Params:
     features: dict[Modality, Name] = dataclasses.field(default_factory=dict)  # modality -> store feeding heads
     trainer: TrainerParams = dataclasses.field(default_factory=TrainerParams)
     heads: dict[Name, HeadParams] = dataclasses.field(default_factory=dict)
-    finetune: dict[Name, dict[str, Any]] = dataclasses.field(default_factory=dict)   # FinetuneParams each
+    finetune: dict[Name, dict[str, Any]] = dataclasses.field(default_factory=dict)   # by kind (pipeline/configs.py)
+    distil: DistilParams = dataclasses.field(default_factory=DistilParams)
 
     def head(self, name: str) -> HeadParams:
         if name not in self.heads:
@@ -197,10 +205,17 @@ class Params:
         return from_dict(kinds[kind].Config, raw, f"encoders.{name}")
 
     def teacher(self, name: str):
-        """The `FinetuneParams` of teacher `name`."""
+        """The params of fine-tune `name` (`FinetuneParams` for a text teacher; by its `kind` otherwise)."""
         if name not in self.finetune:
             raise ParamsError(f"finetune: no teacher '{name}'; defined: {sorted(self.finetune)}")
-        return from_dict(finetune_config(), self.finetune[name], f"finetune.{name}")
+        raw = dict(self.finetune[name])
+        kinds = finetune_kinds()
+        kind = raw.setdefault("kind", DEFAULT_FINETUNE_KIND)
+        if kind not in kinds:
+            raise ParamsError(f"finetune.{name}.kind: unknown kind {kind!r}; known: {sorted(kinds)}")
+        return from_dict(kinds[kind], raw, f"finetune.{name}")
+
+    finetuned = teacher
 
     def store_modality(self, name: str) -> str | None:
         """The modality of the store written by encoder or teacher `name` (None: no such one)."""
@@ -220,6 +235,34 @@ def finetune_config() -> type:
     from pipeline.configs import FinetuneParams
 
     return FinetuneParams
+
+
+DEFAULT_FINETUNE_KIND = "hf_text"   # a `finetune.<name>` without `kind` is a text teacher (as before kinds)
+
+
+def finetune_kinds() -> dict[str, type]:
+    """kind -> the params dataclass of a `finetune.<name>` of that kind (pipeline/configs.py)."""
+    from pipeline.configs import FINETUNE_KINDS
+
+    return dict(FINETUNE_KINDS)
+
+
+def finetune_modalities() -> dict[str, str]:
+    from pipeline.configs import FINETUNE_MODALITY
+
+    return dict(FINETUNE_MODALITY)
+
+
+def _finetune_kind(value) -> str | None:
+    """The tag of a `finetune.<name>` entry: its `kind`, `hf_text` when absent (pydantic's discriminator)."""
+    if isinstance(value, dict):
+        return value.get("kind", DEFAULT_FINETUNE_KIND)
+    return getattr(value, "kind", None)
+
+
+def _finetune_model() -> Any:
+    variants = tuple(Annotated[strict_model(cls), Tag(k)] for k, cls in sorted(finetune_kinds().items()))
+    return Annotated[Union[variants], Discriminator(_finetune_kind)]
 
 
 # --- models derived from the dataclasses: one definition each ---------------------------------------------
@@ -285,7 +328,7 @@ def _schema_model(kinds: tuple[tuple[str, type], ...],
         head = Annotated[Union[heads], Field(discriminator="head")] if len(heads) > 1 else heads[0]
     fields = {**_fields(Params),
               "encoders": (dict[Name, encoder], Field(default_factory=dict)),
-              "finetune": (dict[Name, strict_model(finetune_config())], Field(default_factory=dict)),
+              "finetune": (dict[Name, _finetune_model()], Field(default_factory=dict)),
               "heads": (dict[Name, head], Field(default_factory=dict))}
     return create_model("Params", __config__=FORBID, __doc__="ercflow params.yaml", **fields)
 
@@ -411,7 +454,8 @@ def _problem(e: dict, prefix: str, data: Any, schema: dict) -> str:
     loc, shown = list(e["loc"]), []
     node = data
     for el in loc:   # drop the union tags pydantic puts in `loc` (encoders.<name>.<kind>.x)
-        if isinstance(node, dict) and el not in node and el in (node.get("kind"), node.get("head")):
+        if isinstance(node, dict) and el not in node and el in (node.get("kind", DEFAULT_FINETUNE_KIND),
+                                                                node.get("head")):
             continue
         shown.append(el)
         node = node.get(el) if isinstance(node, dict) else (
@@ -441,7 +485,7 @@ def _problem(e: dict, prefix: str, data: Any, schema: dict) -> str:
     if kind == "literal_error":
         return f"{path}: {value!r} is not one of {ctx.get('expected')}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        key = str(ctx.get("discriminator", "")).strip("'")
+        key = str(ctx.get("discriminator", "")).strip("'").removesuffix("()").replace("_finetune_kind", "kind")
         expected = ", ".join(sorted(t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")))
         if kind == "union_tag_not_found":
             if not expected:
@@ -472,6 +516,8 @@ def _walk(schema: dict, loc: list) -> dict:
             node = _resolve(schema, next((b for b in node["anyOf"] if b.get("type") != "null"), {}))
         if "discriminator" in node and el in node["discriminator"].get("mapping", {}):
             node = _resolve(schema, {"$ref": node["discriminator"]["mapping"][el]})
+        elif "oneOf" in node and el in _variants(schema, node):
+            node = _variants(schema, node)[el]
         elif el in node.get("properties", {}):
             node = node["properties"][el]
         elif isinstance(node.get("additionalProperties"), dict):
@@ -488,6 +534,17 @@ def _walk(schema: dict, loc: list) -> dict:
     return node
 
 
+def _variants(schema: dict, node: dict) -> dict[str, dict]:
+    """tag -> variant of a `oneOf` whose variants have a constant `kind` (a union with a callable discriminator)."""
+    out = {}
+    for v in node.get("oneOf", []):
+        v = _resolve(schema, v)
+        const = v.get("properties", {}).get("kind", {}).get("const")
+        if const is not None:
+            out[const] = v
+    return out
+
+
 def _known_keys(schema: dict, loc: list) -> list[str]:
     return sorted(_walk(schema, loc).get("properties", {}))
 
@@ -501,7 +558,52 @@ def _tags(schema: dict, loc: list) -> list[str]:
 def _store_modality(name: str, encoders: Mapping, finetune: Mapping, kinds: Mapping[str, str]) -> str | None:
     if isinstance(encoders.get(name), dict):
         return kinds.get(encoders[name].get("kind")) or encoders[name].get("modality")
-    return "text" if name in finetune else None
+    if name in finetune:
+        cfg = finetune[name] if isinstance(finetune[name], dict) else {}
+        return finetune_modalities().get(cfg.get("kind", DEFAULT_FINETUNE_KIND), "text")
+    return None
+
+
+def _finetune_problems(teachers: list[str], distil: dict, finetune: dict) -> list[str]:
+    """`teachers` are text fine-tunes on the labels (stage finetune_text reads no media); `distil.students`
+    are fine-tunes of any kind against `distil.teacher`, a listed teacher (stage finetune_student)."""
+    problems = []
+
+    def cfg(n) -> dict:
+        return finetune[n] if isinstance(finetune.get(n), dict) else {}
+
+    for i, n in enumerate(teachers):
+        c = cfg(n)
+        kind = c.get("kind", DEFAULT_FINETUNE_KIND)
+        if n in finetune and kind != DEFAULT_FINETUNE_KIND:
+            problems.append(f"teachers[{i}]: {n!r} is a {kind} fine-tune: list it in distil.students (stage "
+                            "finetune_text fine-tunes text teachers, which read no media)")
+        elif c.get("objective", "ce") != "ce":
+            problems.append(f"teachers[{i}]: {n!r} has objective {c.get('objective')!r}: a teacher learns from the "
+                            "labels (ce); a student of a teacher goes in distil.students")
+    students = distil.get("students")
+    students = [x for x in students if isinstance(x, str)] if isinstance(students, list) else []
+    teacher = distil.get("teacher")
+    for i, n in enumerate(students):
+        if n in students[:i]:
+            problems.append(f"distil.students[{i}]: {n!r} is listed twice")
+        elif n not in finetune:
+            problems.append(f"distil.students[{i}]: {n!r} has no entry in finetune (defined: {sorted(finetune)})")
+        elif n in teachers:
+            problems.append(f"distil.students[{i}]: {n!r} is also in teachers (one stage writes a store)")
+        elif n == teacher:
+            problems.append(f"distil.students[{i}]: {n!r} is distil.teacher itself")
+    if students and not teacher:
+        problems.append("distil.teacher: missing (the teacher store the students distil from: one of teachers "
+                        f"{teachers})")
+    elif students and isinstance(teacher, str) and teacher not in teachers:
+        problems.append(f"distil.teacher: {teacher!r} is not a fine-tuned teacher (not in teachers: {teachers}); "
+                        "its store's logits are distilled")
+    for name, c in finetune.items():
+        if isinstance(c, dict) and c.get("objective") == "telme_student" and name not in students + teachers:
+            problems.append(f"finetune.{name}.objective: telme_student distils distil.teacher's store: list "
+                            f"'{name}' in distil.students")
+    return problems
 
 
 def cross_reference_problems(raw: Mapping[str, Any], kinds: Mapping[str, str]) -> list[str]:
@@ -528,6 +630,7 @@ def cross_reference_problems(raw: Mapping[str, Any], kinds: Mapping[str, str]) -
                 problems.append(f"{key}[{i}]: {n!r} has no entry in {section_name} (defined: {sorted(defined)})")
     for n in sorted(set(encoders) & set(finetune)):
         problems.append(f"finetune.{n}: also the name of encoders.{n}; both would write data/features/<dataset>/{n}.h5")
+    problems += _finetune_problems(names("teachers"), section(raw.get("distil")), finetune)
 
     for name, d in data.items():
         if not isinstance(d, dict):
@@ -558,24 +661,34 @@ def cross_reference_problems(raw: Mapping[str, Any], kinds: Mapping[str, str]) -
         if pooling == "mask" and fmt != "prompt":
             problems.append(f"{where}.pooling: 'mask' pools at the prompt's <mask> token: it needs input_format "
                             f"'prompt' (not {fmt!r})")
-        elif both_ways and fmt == "prompt" and pooling != "mask":
-            problems.append(f"{where}.pooling: input_format 'prompt' is pooled at its <mask> token: pooling 'mask' "
-                            f"(not {pooling!r})")
+        elif pooling == "target_mean" and fmt not in ("indi_context", "prompt"):
+            problems.append(f"{where}.pooling: 'target_mean' averages the target utterance's tokens within its "
+                            f"context: it needs input_format 'indi_context' or 'prompt' (not {fmt!r})")
+        elif both_ways and fmt == "prompt" and pooling not in ("mask", "target_mean"):
+            problems.append(f"{where}.pooling: input_format 'prompt' is pooled at its <mask> token (pooling 'mask') "
+                            f"or over the target utterance's tokens ('target_mean'), not {pooling!r}")
 
     for name, cfg in encoders.items():
         if isinstance(cfg, dict) and cfg.get("kind") == "hf_text":
             pooling_problems(f"encoders.{name}", {"input_format": "utterance", "pooling": "cls", **cfg}, True)
     for name, cfg in finetune.items():
-        if isinstance(cfg, dict):
+        if isinstance(cfg, dict) and cfg.get("kind", DEFAULT_FINETUNE_KIND) == "hf_text":
             pooling_problems(f"finetune.{name}", {"input_format": "indi_context", "pooling": "cls", **cfg}, False)
 
     def describe(store: str) -> str:
         if isinstance(encoders.get(store), dict):
             modality = _store_modality(store, encoders, finetune, kinds)
             return f"{'an' if modality == 'audio' else 'a'} {modality} encoder ({encoders[store].get('kind')})"
-        return "a text teacher (finetune)"
+        cfg = finetune.get(store) if isinstance(finetune.get(store), dict) else {}
+        if cfg.get("kind", DEFAULT_FINETUNE_KIND) == DEFAULT_FINETUNE_KIND:
+            return "a text teacher (finetune)"
+        modality = _store_modality(store, encoders, finetune, kinds)
+        return f"{'an' if modality == 'audio' else 'a'} {modality} fine-tune (finetune, {cfg.get('kind')})"
 
-    extracted, tuned = names("extract"), names("teachers")
+    distil = section(raw.get("distil"))
+    students = [x for x in distil.get("students", []) if isinstance(x, str)] \
+        if isinstance(distil.get("students"), list) else []
+    extracted, tuned = names("extract"), names("teachers") + students
     reported, storeless = set(), {}
     for h in names("train"):   # every modality of a trained head reads a store this pipeline writes
         hp = heads.get(h)
@@ -597,7 +710,8 @@ def cross_reference_problems(raw: Mapping[str, Any], kinds: Mapping[str, str]) -
             if isinstance(store, str) and store not in extracted and store not in tuned:
                 reported.add(where)
                 problems.append(f"{where}: {store!r} is not extracted or fine-tuned (not in extract: {extracted} "
-                                f"nor teachers: {tuned})")
+                                f"nor teachers: {names('teachers')}" + (f" nor distil.students: {students}"
+                                                                         if students else "") + ")")
     for m, hs in storeless.items():
         problems.append(f"heads.{hs[0]}.modalities: no store for {m!r}" + (f" (nor for heads {', '.join(hs[1:])})"
                         if len(hs) > 1 else "") + f": set features.{m} (or heads.<name>.features.{m})")

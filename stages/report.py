@@ -63,6 +63,14 @@ def main(argv=None):
         for r in per_class:
             f1 = r["test"]["f1_per_class"]
             lines.append(f"| {r['head']} | " + " | ".join(f"{f1.get(c, 0.0):.3f}" for c in labels) + " |")
+    layered = [r for r in rows if r.get("layer_weights")]
+    if layered:   # heads on stores of several encoder layers: which layers they weigh (heads/layers.py)
+        lines += ["", "Learned layer weights (kept seed; hidden state 0 = embeddings):", "",
+                  "| dataset | head | modality | weight by layer |", "|---|---|---|---|"]
+        for r in layered:
+            for m, w in r["layer_weights"].items():
+                lines.append(f"| {r['dataset']} | {r['head']} | {m} | "
+                             + " ".join(f"{i}: {v:.3f}" for i, v in w.items()) + " |")
     lines += ["", "Means ± std over each head's seeds (`trainer.seeds`); every checkpoint and the kept seed are "
               "selected on dev, never on test."]
     out = Path(args.out)

@@ -1,5 +1,7 @@
 """Stage train: one head on one dataset's cached features -> model bundle (models/<dataset>/<head>.safetensors:
-heads/bundle.py), metrics JSON, curves, confusion plot, dev and test predictions with class probabilities."""
+heads/bundle.py), metrics JSON, curves, confusion plot, dev and test predictions with class probabilities.
+A head on a store of several encoder layers also writes the layer weights it learned (metrics.json's
+`layer_weights`: the kept seed's, by hidden-state index; `layer_weights_per_seed`) and layer_weights.png."""
 import argparse
 import dataclasses
 import json
@@ -11,7 +13,7 @@ import pandas as pd
 
 from ercflow.check import load_checked_params
 from heads.data import CachedDialogues
-from heads.fit import fit_head, save_trained_head
+from heads.fit import fit_head, layer_weights, save_trained_head
 from heads.trainer import selection_score
 from pipeline.logs import run_stage
 from pipeline.manifest import Manifest
@@ -51,6 +53,11 @@ def main(argv=None):
     for split in result.metrics:
         summary[split], summary[f"{split}_std"] = mean_and_std([m[split] for m in per_seed.values()])
     summary["per_seed"] = per_seed
+    if head.mixers:   # which encoder layers carry the emotion, as the heads learned to weigh them
+        summary["layer_weights"] = layer_weights(head, data)
+        summary["layer_weights_per_seed"] = {s: layer_weights(h, data) for s, h, _ in runs}
+        plot_layer_weights(summary["layer_weights"], out / "layer_weights.png",
+                           f"{args.head} on {args.dataset}: learned layer weights (seed {seed})")
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "curves.csv", pd.DataFrame(result.curves).to_csv(index=False))
     if hp.task == "categorical" and "test" in result.metrics:
@@ -64,6 +71,25 @@ def main(argv=None):
     test, std = summary.get("test", {}), summary.get("test_std", {})
     log.info(f"{args.head} on {args.dataset} ({len(runs)} seed(s)): test " +
              ", ".join(f"{k} {test[k]:.4f} ± {std[k]:.4f}" for k in ("wf1", "accuracy", "mean_r") if k in test))
+
+
+def plot_layer_weights(weights: dict[str, dict[str, float]], path, title: str) -> None:
+    """One bar chart per layered modality: softmax weight by hidden-state index (0: the embeddings)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(weights), figsize=(1.5 + 3.5 * len(weights), 3.0), squeeze=False)
+    for ax, (m, w) in zip(axes[0], weights.items()):
+        ax.bar([int(i) for i in w], list(w.values()), color="tab:blue")
+        ax.axhline(1 / len(w), color="grey", linestyle=":", linewidth=1)   # the uniform mix it started from
+        ax.set_xlabel(f"{m} hidden state (0: embeddings)")
+        ax.set_ylabel("softmax weight")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

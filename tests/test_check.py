@@ -78,6 +78,10 @@ BAD = [
     ("bad pooling", edit("encoders.text_minilm.pooling", "max"), "encoders.text_minilm.pooling: 'max' is not one of"),
     ("mask pooling without prompt", edit("encoders.text_minilm.pooling", "mask"),
      "encoders.text_minilm.pooling: 'mask' pools at the prompt's <mask> token"),
+    ("target_mean without context", edit("encoders.text_minilm.pooling", "target_mean"),
+     "encoders.text_minilm.pooling: 'target_mean' averages the target utterance's tokens"),
+    ("prompt pooled by mean", lambda r: r["encoders"]["text_minilm"].update(input_format="prompt", pooling="mean"),
+     "encoders.text_minilm.pooling: input_format 'prompt' is pooled at its <mask> token"),
     ("bad quantize", edit("encoders.text_minilm.quantize", "int4"), "encoders.text_minilm.quantize: 'int4' is not one of"),
     ("bad encoder key", edit("encoders.visual_c3d.widht", 16), "encoders.visual_c3d: unknown key 'widht'"),
     ("unknown encoder kind", edit("encoders.audio_egemaps.kind", "smile"),
@@ -124,6 +128,11 @@ def test_each_mistake_is_reported_with_its_params_path(mutation, expected):
     assert any(p.startswith(expected) or expected in p for p in problems), problems
     assert all(re.match(r"^[\w .\-\[\]]+: ", p) for p in problems), problems   # each starts with its path
     assert len(problems) <= 2, problems   # one mistake, one message (a bad name is also an unlisted one, ...)
+
+
+@pytest.mark.parametrize("fmt", ["indi_context", "prompt"])
+def test_target_mean_pooling_of_a_context_format_passes(fmt):
+    assert problems_of(lambda r: r["encoders"]["text_minilm"].update(input_format=fmt, pooling="target_mean")) == []
 
 
 def test_the_repository_params_pass():

@@ -461,3 +461,28 @@ def test_mamba_stack_is_initialised_causal_and_deterministic():
     x3 = x.clone()
     x3[0, 5] += 1.0                                   # the future does not change the past
     assert torch.allclose(a(x3, mask)[0, :5], ya[0, :5], atol=1e-6)
+
+
+def test_telme_on_fine_tuned_student_stores_is_asf_with_ce_only(tmp_path):
+    """`students: stores` (the paper's two stages): no MLP students; the audio store reaches the output through
+    ASF as it is, and the loss is the fusion's CE alone (the students were distilled in their own fine-tune)."""
+    m, _ = three_modality_data(tmp_path)
+    data = CachedDialogues(m, {"text": tmp_path / "t.h5", "audio": tmp_path / "a.h5"})
+    torch.manual_seed(0)
+    head = build_head("telme", {"text": 8, "audio": 8}, 3, "categorical",
+                      {"heads": 2, "dropout": 0.0, "students": "stores"})
+    head.prepare(data)
+    head.eval()
+    batch = data.batch(m.dialogues("train")[:4])
+    assert len(head.students) == 0
+    out = head(batch)
+    total, parts = head.loss(batch, out)
+    assert set(parts) == {"fusion"} and float(total.detach()) == pytest.approx(float(head.task_loss(batch, out).detach()))
+    batch.valid["audio"][:] = batch.mask
+    with torch.no_grad():
+        delta = (head(perturbed(batch, "audio", batch.mask)) - head(batch)).abs()
+    assert delta[batch.mask].max() > 1e-4
+    mlp = build_head("telme", {"text": 8, "audio": 8}, 3, "categorical", {"heads": 2})
+    assert set(mlp.students) == {"audio"}
+    with pytest.raises(ValueError, match="teacher's dimension 8"):
+        build_head("telme", {"text": 8, "audio": 6}, 3, "categorical", {"students": "stores"})

@@ -11,6 +11,7 @@ import pandas as pd
 
 from pipeline.configs import HFAudioConfig, OpenSmileConfig
 from pipeline.encoders import Encoder, HFEncoder, register
+from pipeline.encoders.layers import HiddenLayers
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
 from pipeline.problems import masked_problem
@@ -113,11 +114,13 @@ class OpenSmileEncoder(Encoder):
 
 
 @register
-class HFAudioEncoder(HFEncoder):
+class HFAudioEncoder(HiddenLayers, HFEncoder):
     """Self-supervised speech models via transformers (MaTAV: WavLM; TelME's student input: data2vec-audio).
 
     The utterance's frames are mean-pooled over the model's own frame mask, so padding in a batch never
-    changes a feature."""
+    changes a feature. `layers` keeps several hidden states, each pooled alike (SUPERB's frozen-upstream
+    protocol, arXiv:2105.01051: the downstream head learns their weighted sum); `layer: k` is the older
+    spelling of `layers: [k]`."""
     kind = "hf_audio"
     modality = "audio"
     needs_media = True
@@ -126,6 +129,7 @@ class HFAudioEncoder(HFEncoder):
     def __init__(self, name, config: HFAudioConfig):
         super().__init__(name, config)
         self.load_model("AutoModel", "AutoFeatureExtractor")
+        self.hidden_layers = self.kept_layers()
 
     def provenance(self):
         return {**super().provenance(), "sample_rate": int(self.processor.sampling_rate)}
@@ -136,15 +140,16 @@ class HFAudioEncoder(HFEncoder):
                                    return_tensors="pt"))
 
     def forward(self, inputs: dict, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Pooled [B, D] and per-utterance frame sequences of a prepared batch."""
+        """Pooled [B, D] ([B, L, D] for several layers) and per-utterance frame sequences of a prepared batch."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         with autocast_context(self.device, self.config.autocast):
-            out = self.model(**inputs, output_hidden_states=self.config.layer != -1)
-        hidden = (out.hidden_states[self.config.layer] if self.config.layer != -1 else out.last_hidden_state).float()
-        frames = self.model._get_feature_vector_attention_mask(hidden.shape[1], inputs["attention_mask"])
-        frames = frames.to(hidden.dtype)
-        pooled = (hidden * frames[..., None]).sum(1) / frames.sum(1, keepdim=True).clamp(min=1)
-        seqs = [hidden[i, frames[i].bool()].cpu().numpy() for i in range(n)] if self.config.return_sequence else []
+            states = self.kept_states(self.model(**inputs, **self.model_kwargs()))
+        frames = self.model._get_feature_vector_attention_mask(states[0].shape[1], inputs["attention_mask"])
+        frames = frames.to(states[0].dtype)
+        pooled = self.stack([(h * frames[..., None]).sum(1) / frames.sum(1, keepdim=True).clamp(min=1)
+                             for h in states])
+        seqs = [self.stack([h[i, frames[i].bool()] for h in states]).cpu().numpy()
+                for i in range(n)] if self.config.return_sequence else []
         return pooled.cpu().numpy(), seqs
 
     def encode(self, rows: pd.DataFrame, manifest: Manifest, media: MediaStore):
@@ -169,8 +174,8 @@ class HFAudioEncoder(HFEncoder):
             waves.append(x if good else np.zeros(int(self.config.min_seconds * sr), np.float32))
             valid.append(bool(good))
         valid = np.array(valid, bool)
-        pooled = np.zeros((len(ids), self.dim), np.float32)
-        seqs = [np.zeros((0, self.dim), np.float32)] * len(ids)
+        pooled = np.zeros((len(ids), *self.pooled_shape), np.float32)
+        seqs = [np.zeros((0, *self.pooled_shape), np.float32)] * len(ids)
 
         def run(batch_rows, inputs):
             vec, seq = self.forward(inputs, len(batch_rows))
@@ -188,5 +193,5 @@ class HFAudioEncoder(HFEncoder):
         pooled[~valid] = 0.0
         arrays = {"pooled": pooled, "valid": valid}
         if self.config.return_sequence:
-            arrays.update(ragged(seqs, "seq", np.float32, (self.dim,)))
+            arrays.update(ragged(seqs, "seq", np.float32, self.pooled_shape))
         return arrays, problems

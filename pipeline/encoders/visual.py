@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.configs import Cnn3dConfig, HFVideoConfig, VisExtNetConfig
 from pipeline.encoders import Encoder, HFEncoder, register
+from pipeline.encoders.layers import HiddenLayers
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
 from pipeline.problems import masked_problem
@@ -103,11 +104,12 @@ def sample_frames(frames: np.ndarray, count: int) -> np.ndarray:
 
 
 @register
-class HFVideoEncoder(HFEncoder):
+class HFVideoEncoder(HiddenLayers, HFEncoder):
     """Video transformers via transformers (TelME's visual student input: TimeSformer on 8 frames).
 
     The model's `num_frames` frames are taken uniformly from the store's canonical frames and prepared by
-    the model's own image processor (resize, crop, normalise)."""
+    the model's own image processor (resize, crop, normalise). `layers` keeps several hidden states, each
+    pooled alike (as transformers reports them: before the final LayerNorm that `last` includes)."""
     kind = "hf_video"
     modality = "visual"
     needs_media = True
@@ -117,6 +119,7 @@ class HFVideoEncoder(HFEncoder):
         super().__init__(name, config)
         self.load_model("AutoModel", "AutoImageProcessor")
         self.num_frames = int(getattr(self.model.config, "num_frames", 8))
+        self.hidden_layers = self.kept_layers()
 
     def provenance(self):
         return {**super().provenance(), "frames_used": self.num_frames}
@@ -125,7 +128,7 @@ class HFVideoEncoder(HFEncoder):
         from pipeline.runtime import autocast_context, batched_with_oom_retry, clip_batch_size, prep_workers, worker_media
 
         ids, valid, problems = decoded_video(rows, media)
-        pooled = np.zeros((len(ids), self.dim), np.float32)
+        pooled = np.zeros((len(ids), *self.pooled_shape), np.float32)
 
         path = media.path
 
@@ -136,9 +139,9 @@ class HFVideoEncoder(HFEncoder):
 
         def run(batch_rows, pixel_values):
             with autocast_context(self.device, self.config.autocast):
-                hidden = self.model(pixel_values=pixel_values.to(self.device, non_blocking=True)).last_hidden_state
-            hidden = hidden.float()
-            vec = hidden[:, 0] if self.config.pooling == "cls" else hidden[:, 1:].mean(1)
+                states = self.kept_states(self.model(pixel_values=pixel_values.to(self.device, non_blocking=True),
+                                                     **self.model_kwargs()))
+            vec = self.stack([h[:, 0] if self.config.pooling == "cls" else h[:, 1:].mean(1) for h in states])
             pooled[batch_rows] = vec.cpu().numpy()
 
         with torch.inference_mode():
