@@ -154,3 +154,95 @@ def test_progress_bar_and_no_transformers_bars(tiny_bert, sample_manifest, tmp_p
     err = capfd.readouterr().err
     assert "Writing model shards" not in err and "Loading weights" not in err, err[-500:]
     assert "steps/s" in lines[-1] and state["history"][0]["train_seconds"] > 0, lines
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as each of the two ranks has on 2 cores (spin-waiting threads slow a shared CPU down)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+RANK_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from pipeline import distributed
+from pipeline.configs import FinetuneParams
+from pipeline.finetune import InterruptTraining, build_finetuner
+from pipeline.manifest import Manifest
+job = json.loads(sys.argv[1])
+r = distributed.ranks()
+distributed.join_group(r)
+distributed.bind_device(r, "cpu", "test")
+tuner = build_finetuner(Manifest.load(job["manifest"]), FinetuneParams(**job["params"]), job["ckpt"])
+try:
+    tuner.train(log=lambda *_: None, stop_after_steps=job["stop"])
+except InterruptTraining:
+    print("STOPPED", r.rank, flush=True)
+"""
+
+
+def train_loss(tuner) -> float:
+    """Mean CE of the model over the train split (the loss after the steps taken so far)."""
+    rows = tuner.rows["train"]
+    _, logits = tuner.predict(rows)
+    return float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(tuner.y[rows])))
+
+
+def test_two_processes_train_as_one_with_twice_the_batch_and_resume_across_world_sizes(tiny_bert, sample_manifest,
+                                                                                       tmp_path, one_thread):
+    """DistributedDataParallel (gloo, 2 CPU processes, batch_size 4 each) takes the steps one process takes with
+    batch_size 8: same global batches, the ranks' losses weighted by their share of each batch, gradients
+    averaged. After 3 steps both have the same train loss (relative tolerance 1e-4: gloo's sum of the two
+    gradients and the shorter padding of each half differ from one process's sums in the last bits). The
+    2-process `last` checkpoint (global batch 8, the run's identity) is then resumed by one process with
+    batch_size 8 and ends where the single process ends."""
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+    from pipeline import distributed
+
+    model = tmp_path / "bert"   # a tiny BERT without dropout: the ranks' dropout draws would differ from one process's
+    shutil.copytree(tiny_bert, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(cfg))
+    sample_manifest.save(tmp_path / "manifest")
+    kw = dict(weights=str(model), dropout=0.0, epochs=2, batch_size=8, save_every_steps=0, lr=2e-3, warmup_steps=1)
+    stop = 3
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO)))
+    job = {"manifest": str(tmp_path / "manifest"), "ckpt": str(tmp_path / "two"), "stop": stop,
+           "params": {**dict(input_format="indi_context", pooling="cls", context_window=3, max_length=48, patience=100,
+                             device="cpu"), **kw, "batch_size": 4}}
+    cmd = distributed.torchrun_command("x", [], 2)
+    cmd = cmd[:cmd.index("-m", 2)] + [str(script), json.dumps(job)]
+    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "ERCFLOW_DIST_TIMEOUT": "120"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "STOPPED 0" in out.stdout and "STOPPED 1" in out.stdout, out.stdout + out.stderr[-3000:]
+
+    one = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "one")
+    with pytest.raises(InterruptTraining):
+        one.train(log=lambda *_: None, stop_after_steps=stop)
+    two = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "two")
+    assert two.fingerprint == one.fingerprint   # 2 x 4 and 1 x 8: one run
+    two.load("last")
+    loss_two, loss_one = train_loss(two), train_loss(one)
+    print(f"train loss after {stop} steps: 2 x 4 {loss_two:.8f}, 1 x 8 {loss_one:.8f}")
+    assert loss_two == pytest.approx(loss_one, rel=1e-4)
+    state = json.loads((tmp_path / "two/last/training_state.json").read_text())
+    assert state["state"]["step"] == stop and len(state["rng_ranks"]) == 2   # every rank's RNG state kept
+
+    logs = []
+    end_two = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "two").train(log=logs.append)
+    assert any(line.startswith("resuming from") and f"step {stop}" in line for line in logs), logs
+    end_one = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "one").train(log=lambda *_: None)
+    assert end_two["step"] == end_one["step"]
+    a, b = load_file(tmp_path / "one/last/encoder/model.safetensors"), load_file(tmp_path / "two/last/encoder/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
