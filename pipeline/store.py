@@ -232,8 +232,11 @@ def _write_store(tmp: Path, run: ChunkedRun, utt_ids: list[str], n_chunks: int, 
                     f.create_dataset(k, shape=(n,) + a.shape[1:], dtype=a.dtype, **opts)
                 for k in layout.ragged:
                     a = chunk[k]
+                    # HDF5 chunks of ~512 KiB (h5py's own guess is ~10x smaller for [T, 384] float32 rows): whole
+                    # chunks fit the default 1 MiB chunk cache, and a block read touches few of them
+                    row_bytes = max(1, int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize)
                     f.create_dataset(k, shape=(0,) + a.shape[1:], maxshape=(None,) + a.shape[1:], dtype=a.dtype,
-                                     chunks=True)
+                                     chunks=(max(1, (512 << 10) // row_bytes),) + a.shape[1:])
                     f.create_dataset(f"{k}_offsets", shape=(n + 1,), dtype=np.int64)
             for k in layout.fixed + ["valid"]:
                 f[k][row:row + m] = chunk[k]
@@ -369,7 +372,9 @@ class H5Store:
         return np.array([self.row_of[u] for u in utt_ids], dtype=np.int64)
 
     def fixed(self, name: str, utt_ids: Iterable[str] | None = None) -> np.ndarray:
-        if utt_ids is None:
+        if utt_ids is not None:
+            utt_ids = list(utt_ids)
+        if utt_ids is None or utt_ids == self.utt_ids:   # the store's own order (a head's usual read): no gather
             return self.file[name][:]
         return self.file[name][:][self.rows(utt_ids)]  # per-row arrays here are small: read all, index
 
@@ -451,6 +456,27 @@ class FeatureStore(H5Store):
 
     def sequence(self, utt_id: str) -> np.ndarray:
         return self.ragged_row("seq", self._row(utt_id))
+
+    def sequences(self, utt_ids: Iterable[str] | None = None, block_bytes: int = 64 << 20):
+        """(utt_id, seq) of each utterance (all: None), in the store's row order, read in contiguous blocks of
+        about `block_bytes` (one h5py read per block: per-row reads cost ~5x more per byte, bench/scale.py)."""
+        rows = np.arange(len(self.utt_ids)) if utt_ids is None else np.sort(self.rows(utt_ids))
+        if not len(rows):
+            return
+        self.ragged_row("seq", int(rows[0]))   # loads the offsets
+        off, data = self._offsets["seq"], self.file["seq"]
+        row_bytes = int(np.prod(data.shape[1:], dtype=np.int64)) * data.dtype.itemsize
+        start = 0
+        while start < len(rows):
+            end = start + 1   # grow the block while the next row is adjacent and the block is small enough
+            while (end < len(rows) and rows[end] == rows[end - 1] + 1
+                   and (off[rows[end] + 1] - off[rows[start]]) * row_bytes <= block_bytes):
+                end += 1
+            base = off[rows[start]]
+            block = data[base:off[rows[end - 1] + 1]]
+            for r in rows[start:end]:
+                yield self.utt_ids[r], block[off[r] - base:off[r + 1] - base]
+            start = end
 
     def split(self, manifest, split: str) -> np.ndarray:
         """Pooled features of one split's rows, in manifest order."""

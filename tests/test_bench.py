@@ -39,7 +39,7 @@ def test_scale_bench_runs_every_stage_and_reports_ratios(tmp_path):
         assert r["utterances"] > 0 and r["seconds"] > 0 and r["cpu_seconds"] > 0 and r["max_rss"] > 2 ** 20, r
     assert all(r["output_bytes"] > 0 for r in rows if r["stage"].startswith(("make", "decode", "extract", "train")))
     reads = {(r["store"], r["what"]) for r in got["reads"]}
-    assert ("text_minilm.h5", "seq (per utterance)") in reads and ("visual_c3d.h5", "pooled") in reads
+    assert {("text_minilm.h5", "seq (row by row)"), ("text_minilm.h5", "seq (sequences)")} <= reads and ("visual_c3d.h5", "pooled") in reads
     assert got["edit"]["param"] == "heads.fusion_mlp.options.dropout" and 0 < got["edit"]["fraction"] < 1
     assert "extract:visual_c3d" in out.stdout and "dvc repro after editing" in out.stdout
     two = [dict(r, dialogues=3) for r in rows[1:3]] + [dict(r, dialogues=30, utterances=r["utterances"] * 10,

@@ -104,6 +104,15 @@ def test_text_store(tiny_bert, sample_manifest, tmp_path, fmt, pooling):
         np.testing.assert_allclose(x, b.pooled(), atol=1e-5)
         seq = a.sequence(a.utt_ids[3])
         assert seq.ndim == 2 and seq.shape[1] == 32
+        # the block reader gives every row's sequence as the per-row reader does, in store order, also for a
+        # subset with gaps and with blocks of a single row
+        some = [a.utt_ids[i] for i in (9, 2, 3, 4, 7)]
+        for ids, block in ((None, 64 << 20), (some, 64 << 20), (some, 1)):
+            got = list(a.sequences(ids, block_bytes=block))
+            want = a.utt_ids if ids is None else [a.utt_ids[i] for i in (2, 3, 4, 7, 9)]
+            assert [u for u, _ in got] == want
+            for u, v in got:
+                np.testing.assert_array_equal(v, a.sequence(u))
         attrs = a.attrs
         assert attrs["weights"] == tiny_bert and len(attrs["weights_hash"]) == 16
         assert attrs["config"]["input_format"] == fmt
