@@ -32,29 +32,6 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, dims: list[str]) 
     return out
 
 
-def plot_confusion(confusion: list[list[int]], labels: list[str], path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 0.8 + 0.7 * len(labels)))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def prediction_table(rows: pd.DataFrame, out: np.ndarray, task: str, labels: list[str],
                      dimensions: list[str]) -> pd.DataFrame:
     """Head outputs [n, C] of manifest `rows` as a table: `utt_id`, the true `label` (where the rows have one),

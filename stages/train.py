@@ -17,7 +17,8 @@ from heads.fit import fit_head, layer_weights, save_trained_head
 from heads.trainer import selection_score
 from pipeline.logs import run_stage
 from pipeline.manifest import Manifest
-from pipeline.metrics import mean_and_std, plot_confusion, prediction_table
+from pipeline.metrics import mean_and_std, prediction_table
+from pipeline.plots import plot_confusion, plot_layer_weights, plot_true_vs_predicted
 from pipeline.store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,17 @@ def main(argv=None):
                            f"{args.head} on {args.dataset}: learned layer weights (seed {seed})")
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "curves.csv", pd.DataFrame(result.curves).to_csv(index=False))
-    if hp.task == "categorical" and "test" in result.metrics:
-        plot_confusion(result.metrics["test"]["confusion"], manifest.meta.labels, out / "confusion.png",
-                       f"{args.head} on {args.dataset} (test)")
+    # the picture of the test split, or of dev where the dataset has no test rows (MELD from its train and dev
+    # CSVs): confusion.png is a declared output, so it is always written
+    shown = "test" if "test" in result.metrics else "dev"
+    if hp.task == "categorical":
+        plot_confusion(result.metrics[shown]["confusion"], manifest.meta.labels, out / "confusion.png",
+                       f"{args.head} on {args.dataset} ({shown})")
+    else:
+        rows, raw = result.predictions[shown]
+        dims = manifest.meta.dimensions
+        plot_true_vs_predicted(manifest.rows.loc[rows, dims].to_numpy(np.float64), raw, dims,
+                               out / "confusion.png", f"{args.head} on {args.dataset} ({shown})")
     for split in ("dev", "test"):
         rows, raw = result.predictions.get(split, (np.zeros(0, np.int64), np.zeros((0, head.n_out))))
         table = prediction_table(manifest.rows.loc[rows], raw, hp.task, manifest.meta.labels,
@@ -71,25 +80,6 @@ def main(argv=None):
     test, std = summary.get("test", {}), summary.get("test_std", {})
     log.info(f"{args.head} on {args.dataset} ({len(runs)} seed(s)): test " +
              ", ".join(f"{k} {test[k]:.4f} ± {std[k]:.4f}" for k in ("wf1", "accuracy", "mean_r") if k in test))
-
-
-def plot_layer_weights(weights: dict[str, dict[str, float]], path, title: str) -> None:
-    """One bar chart per layered modality: softmax weight by hidden-state index (0: the embeddings)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(weights), figsize=(1.5 + 3.5 * len(weights), 3.0), squeeze=False)
-    for ax, (m, w) in zip(axes[0], weights.items()):
-        ax.bar([int(i) for i in w], list(w.values()), color="tab:blue")
-        ax.axhline(1 / len(w), color="grey", linestyle=":", linewidth=1)   # the uniform mix it started from
-        ax.set_xlabel(f"{m} hidden state (0: embeddings)")
-        ax.set_ylabel("softmax weight")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

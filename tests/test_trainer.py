@@ -204,3 +204,33 @@ def test_train_stage_with_seeds_reports_mean_and_std(tmp_path, monkeypatch):
     table = pd.read_csv(tmp_path / "results/syn/text_mlp/predictions_test.csv")
     probs = table[[f"p_{c}" for c in "abc"]].to_numpy()
     assert np.allclose(probs.sum(1), 1.0) and (table["prediction"] == np.array(list("abc"))[probs.argmax(1)]).all()
+
+
+@pytest.mark.parametrize("dims", [False, True], ids=["categorical", "dimensional"])
+def test_the_train_stage_writes_every_declared_output_without_a_test_split(tmp_path, monkeypatch, dims):
+    """MELD from its train and dev CSVs has no test rows: the stage still writes each output dvc.yaml declares
+    (confusion.png of dev, an empty predictions_test.csv), so `dvc repro` does not fail after training."""
+    import yaml
+
+    from conftest import REPO
+    from stages import train
+
+    m = synthetic_manifest(n_dialogues=10, dims=dims)
+    m = Manifest(m.rows[m.rows["split"] != "test"].reset_index(drop=True), m.meta)
+    monkeypatch.chdir(tmp_path)
+    m.save("data/manifest/syn")
+    store_from(m, tmp_path / "data/features/syn/text_minilm.h5", lambda r: np.full(4, "abc".index(r["label"])), 4)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(datasets=["syn"], train=["text_mlp"])
+    params["data"]["syn"] = {"adapter": "generic", "manifest": "x.csv"}
+    params["trainer"].update(seeds=[0], epochs=2, device="cpu")
+    if dims:
+        params["heads"]["text_mlp"]["task"] = "dimensional"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    train.main(["--dataset", "syn", "--head", "text_mlp"])
+    out = tmp_path / "results/syn/text_mlp"
+    assert (out / "confusion.png").stat().st_size > 0
+    dev = pd.read_csv(out / "predictions_dev.csv")
+    assert len(dev) == (m.rows["split"] == "dev").sum()
+    test = pd.read_csv(out / "predictions_test.csv")
+    assert len(test) == 0 and list(test.columns) == list(dev.columns)
