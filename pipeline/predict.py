@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 INPUT_COLUMNS = ("dialogue_id", "turn", "speaker", "text")
 OPTIONAL_COLUMNS = ("utt_id", "video", "audio", "start", "end")
 TEACHER_KIND = "finetuned_text"
+STUDENT_KINDS = ("finetuned_audio", "finetuned_video")   # stores of stage finetune_student
 
 
 class WeightsMismatch(UserError):
@@ -150,6 +151,10 @@ class Model:
         from pipeline.encoders import build_encoder
 
         name, kind = recipe["encoder"], recipe["encoder_kind"]
+        if kind in STUDENT_KINDS:
+            raise UserError(f"{self.path}: its {modality} input is the fine-tuned {kind.split('_')[1]} encoder "
+                            f"'{name}' (stage finetune_student), which predict cannot rebuild yet; add the new "
+                            "conversations as a dataset and run the pipeline on them (dvc repro)")
         if kind == TEACHER_KIND:
             enc = self.teacher(name, recipe, manifest)
         else:

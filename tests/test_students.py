@@ -363,3 +363,16 @@ def test_a_teacher_rerun_marks_its_students_and_the_telme_head_stale(tmp_path, m
     run(sys.executable, "-m", "dvc", "repro", "-s", "inputs@toy-text_mlp", "inputs@toy-telme")
     stale = set(json.loads(run(sys.executable, "-m", "dvc", "status", "--json")))
     assert stale == {"train@toy-telme"}, stale
+
+
+def test_predict_refuses_a_student_store_by_name():
+    """`ercflow predict` cannot rebuild a fine-tuned audio/video student yet: one clear error, not a crash."""
+    from types import SimpleNamespace
+
+    from pipeline import UserError
+    from pipeline.predict import Model
+
+    model = SimpleNamespace(path="models/meld/telme.safetensors")
+    with pytest.raises(UserError, match=r"models/meld/telme.safetensors: its audio input is the fine-tuned audio "
+                                        r"encoder 'audio_student' \(stage finetune_student\)"):
+        Model.encoder(model, "audio", {"encoder": "audio_student", "encoder_kind": "finetuned_audio"}, None)
