@@ -197,6 +197,23 @@ def bind_device(r: Ranks, device: str, where: str) -> None:
         torch.set_num_threads(1)
 
 
+def stage_ranks(module: str, argv: list[str] | None, procs: int, device: str, where: str, what: str) -> Ranks | None:
+    """A stage's entry into ranks. With `procs` > 1 outside torchrun, the stage `module` runs again as `procs`
+    ranks (`relaunch`) and None comes back (this process has nothing left to do). Otherwise: this process's
+    ranks, in the process group, on its device (`where`: the params key named in device errors); ranks other
+    than 0 log only warnings and errors, so a run speaks with one voice."""
+    if procs > 1 and not under_torchrun():
+        relaunch(module, sys.argv[1:] if argv is None else list(argv), procs, what)
+        return None
+    r = ranks()
+    join_group(r)   # first: a rank slow to load its model is then named at the first barrier
+    if not r.main:
+        for name in ("pipeline", "stages"):
+            logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.WARNING))
+    bind_device(r, device, where)
+    return r
+
+
 def torchrun_command(module: str, argv: list[str], procs: int) -> list[str]:
     """The command that runs `python -m <module> <argv>` as `procs` ranks on this machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",

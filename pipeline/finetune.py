@@ -913,7 +913,7 @@ write_teacher_store = write_store   # the text teacher's name for it
 
 
 def finetune_to_store(tuner: Finetuner, name: str, out_path: str | Path, log=print) -> dict:
-    """Train (or resume), write the store from the best checkpoint; the summary the stage keeps beside it."""
+    """Train (or resume), write the store from the best checkpoint and its summary (`<store>.summary.json`)."""
     state = tuner.train(log=log)
     out = Path(out_path)
     summary = write_store(tuner, name, out)
@@ -923,4 +923,7 @@ def finetune_to_store(tuner: Finetuner, name: str, out_path: str | Path, log=pri
               "global_batch": tuner.p.batch_size * tuner.ranks.world * tuner.p.grad_accum,
               "processes": tuner.ranks.world, "store": str(out), "history": state["history"]}
     log(f"{name}: best epoch {state['best_epoch']}, dev WF1 {dev['wf1']:.4f} -> {out}")
-    return {**summary, "finetune": report}
+    summary = {**summary, "finetune": report}
+    if tuner.ranks.main:   # beside the store, as extract's summary is
+        atomic_write_text(out.with_suffix(".summary.json"), json.dumps(summary, indent=1))
+    return summary

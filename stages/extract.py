@@ -5,7 +5,6 @@ the store's chunks (pipeline/distributed.py, pipeline/extract.py); `dvc repro` s
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from pipeline import distributed
@@ -30,16 +29,10 @@ def main(argv=None):
     if args.encoder not in params.encoders:
         raise ParamsError(f"encoders: no encoder '{args.encoder}'; defined: {sorted(params.encoders)}")
     config = params.encoder(args.encoder)
-    if config.procs > 1 and not distributed.under_torchrun():
-        distributed.relaunch("stages.extract", sys.argv[1:] if argv is None else list(argv), config.procs,
-                             f"extract {args.encoder} on {args.dataset}")
+    r = distributed.stage_ranks("stages.extract", argv, config.procs, getattr(config, "device", "cpu"),
+                                f"encoders.{args.encoder}", f"extract {args.encoder} on {args.dataset}")
+    if r is None:   # it ran as config.procs processes under torchrun
         return
-    r = distributed.ranks()
-    distributed.join_group(r)   # first: a rank slow to load its model is then named at extract's barrier
-    if not r.main:   # one voice: the other ranks speak only of problems
-        for name in ("pipeline", "stages"):
-            logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.WARNING))
-    distributed.bind_device(r, getattr(config, "device", "cpu"), f"encoders.{args.encoder}")
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
     encoder = build_encoder(args.encoder, params.encoders[args.encoder])
     out = Path(f"data/features/{args.dataset}/{args.encoder}.h5")

@@ -10,11 +10,11 @@ import logging
 from pathlib import Path
 
 from pipeline.distil import TelmeStudent
-from pipeline.finetune import build_finetuner
+from pipeline import distributed
+from pipeline.finetune import build_finetuner, finetune_to_store
 from pipeline.logs import run_stage
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError, load_params
-from stages.finetune_text import finish, start
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +29,16 @@ def main(argv=None):
     if args.student not in params.distil.students:
         raise ParamsError(f"distil.students: no student '{args.student}'; listed: {params.distil.students}")
     p = params.finetuned(args.student)
-    r = start("stages.finetune_student", argv, args.student, p)
-    if r is None:
-        return
+    if distributed.stage_ranks("stages.finetune_student", argv, p.procs, p.device, f"finetune.{args.student}",
+                               f"fine-tune {args.student}") is None:
+        return   # it ran as p.procs processes under torchrun
     manifest = Manifest.load(f"data/manifest/{args.dataset}")
     objective = None
     if p.objective == "telme_student":
         objective = TelmeStudent(f"data/features/{args.dataset}/{params.distil.teacher}.h5", manifest, p)
     tuner = build_finetuner(manifest, p, f"models/{args.dataset}/{args.student}", f"data/media/{args.dataset}.h5",
                             objective)
-    finish(r, tuner, args.student, Path(f"data/features/{args.dataset}/{args.student}.h5"))
+    finetune_to_store(tuner, args.student, Path(f"data/features/{args.dataset}/{args.student}.h5"), log=log.info)
 
 
 if __name__ == "__main__":
