@@ -7,8 +7,8 @@ regression on each store (train -> dev, the linear probe), and the table: dev WF
 per head and store, the teacher's own dev WF1 (its classifier, from the store's logits), and the LR probe.
 MELD's test split is never read (the repository has no test CSV; selection is on dev).
 
-    python bench/meld_recipe.py                       # ~1 h on 2 CPU cores (the teacher's fine-tuning most of it)
-    python bench/meld_recipe.py --teacher-epochs 2 --keep /tmp/meld-run
+    python bench/meld_recipe.py                       # ~1.5 h on 2 CPU cores (the teacher's fine-tuning most of it)
+    python bench/meld_recipe.py --ctx-pooling mean --ctx-layers last --keep /tmp/meld-run   # the README's table
 """
 from __future__ import annotations
 
@@ -34,11 +34,15 @@ from ercflow.recipe import apply_recipe  # noqa: E402
 FROZEN, CONTEXT, TEACHER = "text_minilm", "text_minilm_ctx", "teacher_minilm"
 
 
-def bench_params(teacher_epochs: int, seeds: list[int]) -> tuple[dict, dict[str, tuple[str, str]]]:
-    """The recipe over the repository's params, with each text head on the frozen store and on the teacher's;
-    returns the params and {head: (head kind, store)}."""
+def bench_params(seeds: list[int], teacher_epochs: int | None = None, ctx: dict | None = None
+                 ) -> tuple[dict, dict[str, tuple[str, str]]]:
+    """The recipe over the repository's params (the teacher's epochs and the indi_context store's options
+    overridden where given), with each text head on the frozen store and on the teacher's; returns the params
+    and {head: (head kind, store)}."""
     params = apply_recipe("meld-text-cpu", yaml.safe_load((REPO / "params.yaml").read_text()))
-    params["finetune"][TEACHER] = {**params["finetune"][TEACHER], "epochs": teacher_epochs, "group_by_length": True}
+    if teacher_epochs:
+        params["finetune"][TEACHER] = {**params["finetune"][TEACHER], "epochs": teacher_epochs}
+    params["encoders"][CONTEXT] = {**params["encoders"][CONTEXT], **(ctx or {})}
     params["trainer"] = {**params["trainer"], "seeds": seeds}
     heads, table = {}, {}
     for name in params["train"]:
@@ -91,7 +95,9 @@ def teacher_dev_wf1(project: Path) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv-dir", default=str(MELD), help="a folder with train_sent_emo.csv and dev_sent_emo.csv")
-    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--ctx-pooling", default=None, help="the indi_context store's pooling (default: the recipe's)")
+    ap.add_argument("--ctx-layers", default=None, help="its layers: last | all (default: the recipe's)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--keep", help="run in this folder and keep it (a re-run there resumes through dvc)")
     args = ap.parse_args(argv)
@@ -101,7 +107,8 @@ def main(argv=None):
         project.mkdir(parents=True, exist_ok=True)
         if not (project / ".dvc").exists():
             make_project(project)
-        params, table = bench_params(args.teacher_epochs, [int(s) for s in args.seeds.split(",")])
+        ctx = {k: v for k, v in (("pooling", args.ctx_pooling), ("layers", args.ctx_layers)) if v}
+        params, table = bench_params([int(s) for s in args.seeds.split(",")], args.teacher_epochs, ctx)
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         raw = project / "data/raw/meld"
         raw.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +121,11 @@ def main(argv=None):
         probes = {s: linear_probe(project, s) for s in (FROZEN, CONTEXT, TEACHER)}
         teacher = teacher_dev_wf1(project)
         n_seeds = len(params["trainer"]["seeds"])
-        print(f"\nMELD dev WF1 (x100), {n_seeds} seeds mean ± std; teacher: {args.teacher_epochs} epochs, "
-              f"group_by_length; {time.perf_counter() - t0:.0f} s in all\n")
+        teacher_cfg = params["finetune"][TEACHER]
+        print(f"\nMELD dev WF1 (x100), {n_seeds} seeds mean ± std; teacher: {teacher_cfg['epochs']} epochs"
+              f"{', group_by_length' if teacher_cfg.get('group_by_length') else ''}; {CONTEXT}: "
+              f"{params['encoders'][CONTEXT]['pooling']}, layers {params['encoders'][CONTEXT].get('layers', 'last')}; "
+              f"{time.perf_counter() - t0:.0f} s in this run\n")
         print(f"| {'model':34s} | {'features':16s} | dev WF1 | vs LR on the same store |")
         print(f"|{'-' * 36}|{'-' * 18}|---------|-------------------------|")
         for store in (FROZEN, CONTEXT, TEACHER):
