@@ -143,7 +143,7 @@ class FinetuneBase:
     save_every_steps: NonNegativeInt = 200   # a resumable checkpoint this often (and at each epoch's end); 0: epochs only
     eval_batch_size: PositiveInt = 32
     # batches of similar input length (shuffle, sort by length within mega-batches of 50 batches, shuffle the
-    # batches): less padding, ~2.5x less compute per epoch on MELD; changes the batches, so results move a little
+    # batches): 2.6x less CPU per epoch on MELD, but 1.35 dev WF1 lower after one epoch (README, Benchmarks)
     group_by_length: bool = False
     procs: PositiveInt = 1   # processes training side by side (torchrun, DistributedDataParallel); run-only
 
