@@ -12,6 +12,7 @@ MELD-like durations (1-8 s).
 
     python bench/extract.py --size real                   # CPU: 480 text, 48 audio/video utterances
     python bench/extract.py --size real --n 512 --n-text 4096 --device cuda
+    python bench/extract.py --size real --only bert,data2vec_audio --n 24 --layers-cost   # cost of `layers: all`
 """
 from __future__ import annotations
 
@@ -142,6 +143,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="comma-separated subset of bert,roberta,wavlm,data2vec_audio,"
                                                 "timesformer,egemaps")
+    ap.add_argument("--layers-cost", action="store_true",
+                    help="also: extraction time and store size of `layers: all` against `layers: last`")
     args = ap.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -184,6 +187,26 @@ def main():
                 cos = ((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))).min()
                 line += f" {n / t_int8:11.1f} {t_naive / t_int8:8.1f}x {cos:8.4f}"
             print(line, flush=True)
+        if args.layers_cost:
+            layers_cost([n for n in only if n in models], specs, models, texts, av, media, root, args.device)
+
+
+def layers_cost(names, specs, models, texts, av, media, root: Path, device: str) -> None:
+    """Extraction seconds and store size on disk of `layers: all` (every hidden state, pooled [N, L, D])
+    against `layers: last` ([N, D]), per encoder, as ratios."""
+    print(f"\n{'encoder':16s} {'L':>3s} {'last s':>8s} {'all s':>8s} {'time':>6s} {'last MB':>8s} {'all MB':>8s} "
+          f"{'size':>6s}")
+    for name in names:
+        kind, cfg = specs[name]
+        manifest = texts if kind == "text" else av
+        base = {**cfg, "weights": models[name], "device": device}
+        t_last = timed_extract(manifest, name, base, root / f"{name}-last.h5", media)
+        t_all = timed_extract(manifest, name, {**base, "layers": "all"}, root / f"{name}-all.h5", media)
+        mb_last, mb_all = ((root / f"{name}-{k}.h5").stat().st_size / 1e6 for k in ("last", "all"))
+        with FeatureStore(root / f"{name}-all.h5") as s:
+            n_layers = len(s.layers)
+        print(f"{name:16s} {n_layers:3d} {t_last:8.1f} {t_all:8.1f} {t_all / t_last:5.2f}x {mb_last:8.2f} "
+              f"{mb_all:8.2f} {mb_all / mb_last:5.1f}x", flush=True)
 
 
 def timed_extract(manifest: Manifest, name: str, cfg: dict, out: Path, media: Path) -> float:
