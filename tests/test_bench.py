@@ -23,7 +23,7 @@ def test_extract_bench_runs_and_prints_ratios():
 def test_scale_bench_runs_every_stage_and_reports_ratios(tmp_path):
     """bench/scale.py on a 3-dialogue sample (each stage through `dvc repro --single-item`, as a user runs it),
     with the read throughput and the re-run after a param edit; the ratio table from made-up rows of two sizes."""
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))   # last: a bench module must never shadow a package
     import scale
 
     out = subprocess.run([sys.executable, "bench/scale.py", "--dialogues", "3", "--epochs", "1",

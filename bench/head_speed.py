@@ -4,8 +4,8 @@
 change); prints seconds per epoch (train + dev evaluation) for the papers' layer sizes (--config paper)
 and/or a small config, against the late-fusion MLP baseline timed in the same run.
 
-    python bench/heads.py --config small            # CPU
-    python bench/heads.py --config paper --device cuda
+    python bench/head_speed.py --config small            # CPU
+    python bench/head_speed.py --config paper --device cuda
 """
 from __future__ import annotations
 
