@@ -9,7 +9,7 @@ import torch
 from heads import build_head
 from heads.data import CachedDialogues
 from heads.layers import LayerMix
-from pipeline.encoders import Encoder, build_encoder
+from pipeline.encoders import build_encoder
 from pipeline.extract import extract, extract_inputs, run_fingerprint
 from pipeline.manifest import Manifest, ManifestMeta
 from pipeline.params import ParamsError
@@ -221,23 +221,7 @@ def test_layer_mix_output_moves_with_a_layers_weight():
 
 def layered_store(manifest, path, fn, n_layers, dim, valid=None):
     """A store whose pooled row is fn(row) of shape [n_layers, dim], with its `layers` attribute."""
-    class Layered(Encoder):
-        kind, modality, needs_media = "test_layered", "text", False
-        Config = type("C", (), {})
-
-        @property
-        def dim(self):
-            return dim
-
-        def provenance(self):
-            return {"encoder": "layered", "layers": list(range(n_layers))}
-
-        def encode(self, rows, m, media=None):
-            ok = np.ones(len(rows), bool) if valid is None else valid[rows.index.to_numpy()]
-            return {"pooled": np.stack([fn(r) for _, r in rows.iterrows()]).astype(np.float32), "valid": ok}, []
-
-    extract(manifest, Layered("layered", None), path)
-    return str(path)
+    return store_from(manifest, path, fn, dim, valid=valid, layers=range(n_layers))
 
 
 def layered_data(tmp_path, nan_row=None):

@@ -26,8 +26,9 @@ def synthetic_manifest(n_dialogues=12, turns=5, seed=0, dims=False):
     return Manifest(pd.DataFrame(rows), ManifestMeta("syn", ".", ["a", "b", "c"], ["valence", "arousal"] if dims else []))
 
 
-def store_from(manifest, path, fn, dim, valid=None):
-    """A feature store whose pooled row is fn(manifest row)."""
+def store_from(manifest, path, fn, dim, valid=None, layers=None):
+    """A feature store whose pooled row is fn(manifest row) ([dim], or [len(layers), dim] with the store's
+    `layers` attribute when `layers` is given)."""
     class Fn(Encoder):
         kind, modality, needs_media = "test_fn", "text", False
         Config = type("C", (), {})
@@ -37,7 +38,7 @@ def store_from(manifest, path, fn, dim, valid=None):
             return dim
 
         def provenance(self):
-            return {"encoder": "fn"}
+            return {"encoder": "fn"} if layers is None else {"encoder": "fn", "layers": list(layers)}
 
         def encode(self, rows, m, media=None):
             ok = np.ones(len(rows), bool) if valid is None else valid[rows.index.to_numpy()]
