@@ -17,6 +17,7 @@ concat | max.
 from __future__ import annotations
 
 from itertools import combinations
+from typing import Literal
 
 import torch
 from torch import nn
@@ -144,7 +145,8 @@ class DialogueTRM(ERCHead):
 
     def __init__(self, dims, n_out, task, d_model: int = 768, intra_layers: int = 6, intra_heads: int = 12,
                  inter_layers: int = 4, inter_heads: int = 8, window: int = 14, dropout: float = 0.1,
-                 context: dict | None = None, fusion: str = "mgif"):
+                 context: dict | None = None,
+                 fusion: Literal["mgif", "no_gate", "no_transformer", "additive", "concat", "max"] = "mgif"):
         super().__init__(dims, n_out, task)
         if fusion not in FUSIONS:
             raise ValueError(f"DialogueTRM fusion must be one of {FUSIONS}, not {fusion!r}")

@@ -19,6 +19,8 @@ students, then Attention-based modality Shifting Fusion (ASF) shifts the teacher
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -105,8 +107,9 @@ class TelME(ERCHead):
 
     def __init__(self, dims, n_out, task, teacher: str = "text", alpha: float = 1.0, beta: float = 1.0,
                  tau_response: float = 2.0, tau_feature: float = 1.0, theta: float = 0.1, dropout: float = 0.1,
-                 heads: int = 3, response: bool = True, feature: bool = True, fusion: str = "asf",
-                 student_hidden: int | None = None, students: str = "mlp"):
+                 heads: int = 3, response: bool = True, feature: bool = True,
+                 fusion: Literal["asf", "concat"] = "asf", student_hidden: int | None = None,
+                 students: Literal["mlp", "stores"] = "mlp"):
         super().__init__(dims, n_out, task)
         if teacher not in dims:
             raise ValueError(f"TelME needs the teacher modality '{teacher}' among {list(dims)}")

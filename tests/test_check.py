@@ -46,6 +46,10 @@ def problems_of(*mutations) -> list[str]:
 BAD = [
     ("option typo", edit("heads.fusion_mlp.options.hiden", 64),
      "heads.fusion_mlp.options: unknown option 'hiden' (known: dropout, hidden)"),
+    ("telme students", edit("heads.telme.options.students", "mlps"), "heads.telme.options.students: 'mlps' is not one of"),
+    ("telme fusion", edit("heads.telme.options.fusion", "sum"), "heads.telme.options.fusion: 'sum' is not one of"),
+    ("dialoguetrm fusion", edit("heads.dialoguetrm.options.fusion", "gated"),
+     "heads.dialoguetrm.options.fusion: 'gated' is not one of"),
     ("task typo", edit("heads.text_mlp.task", "categorial"), "heads.text_mlp.task: 'categorial' is not one of"),
     ("epochs: ten", edit("trainer.epochs", "ten"), "trainer.epochs: input should be a valid integer"),
     ("repeated seeds", edit("trainer.seeds", [0, 1, 0]), "trainer: seeds must differ"),
