@@ -6,10 +6,17 @@ and/or a small config, against the late-fusion MLP baseline timed in the same ru
 
     python bench/head_speed.py --config small            # CPU
     python bench/head_speed.py --config paper --device cuda
+
+`--threads 1,0` times each head with each `trainer.threads` setting (0: torch's default, every core), the
+ratio against the first; `--busy N` keeps N other processes spinning on the CPU meanwhile, as a machine shared
+with other jobs is:
+
+    python bench/head_speed.py --config both --epochs 1 --threads 1,0 --busy 2
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -61,6 +68,11 @@ def meld_size_data(root: Path, dims: dict[str, int], n_dialogues: int = 1432, se
     return CachedDialogues(m, stores)
 
 
+def spin() -> None:
+    while True:
+        pass
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["paper", "small", "both"], default="small")
@@ -68,26 +80,39 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--audio-dim", type=int, default=1582)
     ap.add_argument("--batch-dialogues", type=int, default=16)
+    ap.add_argument("--threads", default="1", help="comma-separated trainer.threads settings to time (0: torch's "
+                                                    "default)")
+    ap.add_argument("--busy", type=int, default=0, help="other processes spinning on the CPU while timing")
     args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
+    for proc in spinners:
+        proc.start()
     dims = {"text": 768, "audio": args.audio_dim, "visual": 512}
     with tempfile.TemporaryDirectory() as tmp:
         data = meld_size_data(Path(tmp), dims)
         print(f"device={args.device} utterances={len(data.manifest)} dialogues={len(data.manifest.dialogues())} "
-              f"dims={dims} torch={torch.__version__} threads={torch.get_num_threads()}")
+              f"dims={dims} torch={torch.__version__} torch threads by default={torch.get_num_threads()} "
+              f"spinning processes={args.busy}")
         for config in (["paper", "small"] if args.config == "both" else [args.config]):
             base = None
             for name, options in CONFIGS[config].items():
-                torch.manual_seed(0)
-                head = build_head(name, dims, 7, "categorical", options)
-                p = TrainerParams(epochs=args.epochs, patience=100, batch_dialogues=args.batch_dialogues,
-                                  device=args.device, lr=1e-4)
-                t0 = time.perf_counter()
-                res = train_head(head, data, p, log=lambda *_: None)
-                per_epoch = res.seconds_per_epoch
-                base = base or per_epoch
-                n_params = sum(x.numel() for x in head.parameters())
-                print(f"{config:6s} {name:12s} {per_epoch:8.2f} s/epoch  ({per_epoch / base:5.1f}x late_fusion)  "
-                      f"{n_params / 1e6:6.1f} M params  total {time.perf_counter() - t0:6.1f} s", flush=True)
+                first = None
+                for n in threads:
+                    torch.manual_seed(0)
+                    head = build_head(name, dims, 7, "categorical", options)
+                    p = TrainerParams(epochs=args.epochs, patience=100, batch_dialogues=args.batch_dialogues,
+                                      device=args.device, lr=1e-4, threads=n)
+                    t0 = time.perf_counter()
+                    res = train_head(head, data, p, log=lambda *_: None)
+                    per_epoch = res.seconds_per_epoch
+                    base, first = base or per_epoch, first or per_epoch
+                    n_params = sum(x.numel() for x in head.parameters())
+                    print(f"{config:6s} {name:12s} threads {n or 'default':>7} {per_epoch:8.2f} s/epoch  "
+                          f"({per_epoch / base:5.1f}x late_fusion, {per_epoch / first:5.2f}x threads {threads[0]})  "
+                          f"{n_params / 1e6:6.1f} M params  total {time.perf_counter() - t0:6.1f} s", flush=True)
+    for proc in spinners:
+        proc.terminate()
 
 
 if __name__ == "__main__":

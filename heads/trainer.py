@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,7 +66,28 @@ def selection_score(head: ERCHead, metrics: dict) -> float:
     return metrics["wf1"] if head.task == "categorical" else metrics["mean_r"]
 
 
+@contextmanager
+def cpu_threads(n: int, device: torch.device):
+    """torch's intra-op threads set to `n` while a head trains on the CPU, restored after (0, or a GPU: left
+    as they are). A head's ops are small: a second thread barely speeds them up on an idle machine, and on
+    a busy one every parallel op waits for a core (README, "How the cost grows with the data")."""
+    if not n or device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_head(head: ERCHead, data: CachedDialogues, p: TrainerParams, log=print) -> TrainResult:
+    with cpu_threads(p.threads, resolve_device(p.device)):
+        return _train_head(head, data, p, log)
+
+
+def _train_head(head: ERCHead, data: CachedDialogues, p: TrainerParams, log) -> TrainResult:
     seed_everything(p.seed)
     device = resolve_device(p.device)
     head.prepare(data)

@@ -117,6 +117,8 @@ class TrainerParams:
     # several seeds: the head is trained once per seed, metrics reported as mean ± std, the best-dev seed kept
     seeds: Annotated[list[Seed], Field(min_length=1)] | None = None
     device: Device = "auto"
+    # torch threads while a head trains on a CPU (0: torch's default, every core); see heads/trainer.py
+    threads: NonNegativeInt = 1
     grad_clip: NonNegativeFloat = 1.0   # 0: no clipping
     # categorical heads: CE weighted per class from the train split's counts (none | inverse | sqrt_inverse)
     class_weights: Literal["none", "inverse", "sqrt_inverse"] = "none"

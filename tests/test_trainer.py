@@ -129,6 +129,22 @@ def test_trainer_selects_on_dev(tmp_path):
     assert dev["wf1"] == pytest.approx(max(scores))   # the best dev checkpoint is the one kept
 
 
+@pytest.mark.parametrize("threads", [1, 0])
+def test_trainer_threads_hold_while_a_head_trains_and_are_restored(tmp_path, threads):
+    m, data = two_modality_data(tmp_path, "categorical")
+    head = build_head("late_fusion", {"text": 8, "audio": 8}, 3, "categorical", {"hidden": 16})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        train_head(head, data, TrainerParams(epochs=2, batch_dialogues=4, device="cpu", threads=threads),
+                   log=lambda *_: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {threads or 2}   # 0: torch's count left as it was
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_class_weights_and_focal_loss_hand_computed():
     from heads import class_weights, focal_loss
 
