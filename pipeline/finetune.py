@@ -112,11 +112,11 @@ def run_identity(p: FinetuneBase, world: int) -> dict:
 
 
 def length_grouped_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int,
-                           rng: np.random.Generator) -> list[np.ndarray]:
-    """Batches of `rows` (already shuffled) of similar `lengths[row]`: each mega-batch of MEGA_BATCH
+                           rng: np.random.Generator, mega_batch: int = MEGA_BATCH) -> list[np.ndarray]:
+    """Batches of `rows` (already shuffled) of similar `lengths[row]`: each mega-batch of `mega_batch`
     batches is sorted by length, longest first, and cut into batches; the batches are shuffled, and the
     one with the longest input goes first (a batch too big for memory fails at once, not hours later)."""
-    mega = MEGA_BATCH * batch_size
+    mega = mega_batch * batch_size
     batches = []
     for s in range(0, len(rows), mega):
         group = rows[s:s + mega]
@@ -226,6 +226,17 @@ class CrossEntropy:
         return F.cross_entropy(logits.float(), y, weight=weight)
 
 
+class TrainedObjective(CrossEntropy):
+    """The objective a checkpoint was trained with, known by its name and feature size only: enough to rebuild
+    the model (a projection to `teacher_dim`) and predict with it (pipeline/predict.py), not to train it."""
+
+    def __init__(self, name: str, teacher_dim: int | None):
+        self.name, self.teacher_dim = name, teacher_dim
+
+    def loss(self, *_, **__):
+        raise RuntimeError(f"a checkpoint rebuilt to predict cannot train (its objective {self.name} is not loaded)")
+
+
 class InterruptTraining(Exception):
     """Raised by a `stop_after_steps` hook (tests simulate a kill with it)."""
 
@@ -310,6 +321,7 @@ class Finetuner:
     modality: ClassVar[str]      # text | audio | visual
     store_kind: ClassVar[str]    # the store's encoder_kind
     needs_media: ClassVar[bool] = False
+    mega_batch: ClassVar[int] = MEGA_BATCH
 
     def __init__(self, manifest: Manifest, p: FinetuneBase, ckpt_dir: str | Path, media_path: str | Path | None = None,
                  objective=None):
@@ -378,7 +390,7 @@ class Finetuner:
         rng = np.random.default_rng(self.p.seed + epoch)
         order, bs = rng.permutation(self.rows["train"]), self.p.batch_size * self.ranks.world
         if self.p.group_by_length:
-            return length_grouped_batches(order, self.lengths, bs, rng)
+            return length_grouped_batches(order, self.lengths, bs, rng, self.mega_batch)
         return [order[s:s + bs] for s in range(0, len(order), bs)]
 
     @torch.inference_mode()

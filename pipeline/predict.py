@@ -6,7 +6,7 @@ a dataset, through the very functions the stages call:
       -> media store (pipeline/media.decode_dataset, with the decode config of the model's training stores),
          only when an encoder reads media
       -> feature stores (pipeline/extract.extract; each encoder rebuilt from the kind and config its training
-         store records, a fine-tuned teacher from its checkpoint), each weights' content hash checked
+         store records, a fine-tuned teacher or student from its checkpoint), each weights' content hash checked
       -> the head over each dialogue in turn order, features standardised with the training statistics that
          the bundle keeps.
 
@@ -122,41 +122,47 @@ class Model:
         """Each modality's feature store for `manifest` in `work` (computed, or reused when up to date) and
         the problems met (decode's and the encoders')."""
         recipes = {m: self.meta["features"][m] for m in self.head.modalities}
-        encoders = {m: self.encoder(m, r, manifest) for m, r in recipes.items()}
+        students = [m for m, r in recipes.items() if r["encoder_kind"] in STUDENT_KINDS]
+        # every other encoder first: a weights mismatch is found before a long decode; a student reads the
+        # decoded media as soon as it is built
+        encoders = {m: self.encoder(m, r, manifest) for m, r in recipes.items() if m not in students}
         problems: list[dict] = []
         media_path = None
-        if any(e.needs_media for e in encoders.values()):
+        media = [m for m, r in recipes.items() if r.get("modality") in ("audio", "visual")]
+        if media:
             from pipeline.media import decode_dataset
             from pipeline.params import DecodeParams, from_dict
 
-            configs = {fingerprint(r["decode_config"]) for m, r in recipes.items() if encoders[m].needs_media}
-            if len(configs) > 1:
+            if len({fingerprint(recipes[m]["decode_config"]) for m in media}) > 1:
                 raise UserError(f"{self.path}: its media encoders read media decoded with different configs")
-            decode = next(r["decode_config"] for m, r in recipes.items() if encoders[m].needs_media)
             media_path = work / "media.h5"
-            summary = decode_dataset(manifest, media_path, from_dict(DecodeParams, decode, "decode (from the bundle)"))
+            summary = decode_dataset(manifest, media_path, from_dict(DecodeParams, recipes[media[0]]["decode_config"],
+                                                                     "decode (from the bundle)"))
             problems += summary["problems"]
+        encoders.update({m: self.encoder(m, recipes[m], manifest, media_path) for m in students})
         paths = {}
-        for m, enc in encoders.items():
-            out = work / "features" / f"{enc.name}-{recipes[m].get('config_hash', 'x')}.h5"
-            summary = extract(manifest, enc, out, media_path)
-            problems += [q for q in summary["problems"] if q.get("modality") in (None, m)
-                         or q.get("action") != "masked" or "decode" not in q.get("problem", "")]
-            paths[m] = str(out)
+        try:
+            for m, enc in encoders.items():
+                out = work / "features" / f"{enc.name}-{recipes[m].get('config_hash', 'x')}.h5"
+                summary = extract(manifest, enc, out, media_path)
+                problems += [q for q in summary["problems"] if q.get("modality") in (None, m)
+                             or q.get("action") != "masked" or "decode" not in q.get("problem", "")]
+                paths[m] = str(out)
+        finally:
+            for m in students:
+                encoders[m].tuner.close()
         return paths, problems
 
-    def encoder(self, modality: str, recipe: dict, manifest: Manifest):
+    def encoder(self, modality: str, recipe: dict, manifest: Manifest, media_path: Path | None = None):
         """The encoder that made the training store of `modality`, rebuilt from its recipe; its weights' hash
         must be the recorded one."""
         from pipeline.encoders import build_encoder
 
         name, kind = recipe["encoder"], recipe["encoder_kind"]
-        if kind in STUDENT_KINDS:
-            raise UserError(f"{self.path}: its {modality} input is the fine-tuned {kind.split('_')[1]} encoder "
-                            f"'{name}' (stage finetune_student), which predict cannot rebuild yet; add the new "
-                            "conversations as a dataset and run the pipeline on them (dvc repro)")
         if kind == TEACHER_KIND:
             enc = self.teacher(name, recipe, manifest)
+        elif kind in STUDENT_KINDS:
+            enc = self.student(modality, name, recipe, manifest, media_path)
         else:
             config = dict(recipe["config"])
             if "device" in config:
@@ -171,25 +177,52 @@ class Model:
             log.warning("%s (going on: --allow-weights-mismatch)", msg)
         return enc
 
-    def teacher(self, name: str, recipe: dict, manifest: Manifest):
-        """A fine-tuned teacher from its checkpoint: a path as recorded, relative to the working directory or to
-        the project the bundle lives in (`models/<dataset>/<head>.safetensors` -> the folder above models/)."""
-        from pipeline.configs import FinetuneParams
-        from pipeline.finetune import TeacherEncoder, TextFinetuner
-        from pipeline.params import from_dict
-
+    def checkpoint(self, recipe: dict, what: str) -> Path:
+        """The fine-tune checkpoint a store was written from: its path as recorded, relative to the working
+        directory or to the project the bundle lives in (`models/<dataset>/<head>.safetensors` -> the folder
+        above models/)."""
         checkpoint = Path(recipe["weights"])
         if not checkpoint.is_absolute() and not checkpoint.exists():
             checkpoint = self.path.resolve().parents[2] / checkpoint
         if not checkpoint.is_dir():
-            raise UserError(f"{self.path}: its text input is the fine-tuned teacher at {recipe['weights']}, which "
-                            "is not here (dvc pull it, or run from the project that has it)")
+            raise UserError(f"{self.path}: its {what} at {recipe['weights']}, which is not here (dvc pull it, or run "
+                            "from the project that has it)")
+        return checkpoint
+
+    def teacher(self, name: str, recipe: dict, manifest: Manifest):
+        """A fine-tuned teacher from its checkpoint."""
+        from pipeline.configs import FinetuneParams
+        from pipeline.finetune import TeacherEncoder, TextFinetuner
+        from pipeline.params import from_dict
+
+        checkpoint = self.checkpoint(recipe, "text input is the fine-tuned teacher")
         config = {**recipe["config"], "device": self.device_name}
         p = from_dict(FinetuneParams, config, f"teacher {name} (from the bundle)")
         manifest.meta.labels = list(recipe.get("labels") or self.labels)
         tuner = TextFinetuner(manifest, p, checkpoint.parent)
         tuner.load(checkpoint.name)
         return TeacherEncoder(name, tuner, Path(recipe["weights"]), weights_dir=checkpoint)
+
+    def student(self, modality: str, name: str, recipe: dict, manifest: Manifest, media_path: Path | None):
+        """A fine-tuned audio / video encoder (stage finetune_student) from its checkpoint. The model is built
+        from the checkpoint's own encoder folder (config, weights, processor), so the base weights need not be
+        on this machine; its feature size is the head's input size for `modality` (a TelME student projects
+        to its teacher's size)."""
+        from pipeline.configs import FINETUNE_KINDS
+        from pipeline.finetune import FinetunedEncoder, TrainedObjective, build_finetuner
+        from pipeline.params import from_dict
+
+        kind = {"finetuned_audio": "hf_audio", "finetuned_video": "hf_video"}[recipe["encoder_kind"]]
+        checkpoint = self.checkpoint(recipe, f"{modality} input is the fine-tuned {kind[3:]} encoder '{name}' "
+                                             "(stage finetune_student)")
+        config = {**recipe["config"], "kind": kind, "weights": str(checkpoint / "encoder"), "revision": None,
+                  "device": self.device_name}
+        p = from_dict(FINETUNE_KINDS[kind], config, f"student {name} (from the bundle)")
+        manifest.meta.labels = list(recipe.get("labels") or self.labels)
+        objective = TrainedObjective(recipe.get("objective", "ce"), int(self.head.dims[modality]))
+        tuner = build_finetuner(manifest, p, checkpoint.parent, media_path, objective)
+        tuner.load(checkpoint.name)
+        return FinetunedEncoder(name, tuner, Path(recipe["weights"]), weights_dir=checkpoint)
 
     # -- predictions ----------------------------------------------------------------------------------
     def outputs(self, manifest: Manifest, stores: dict[str, str], batch_dialogues: int = 8

@@ -365,14 +365,51 @@ def test_a_teacher_rerun_marks_its_students_and_the_telme_head_stale(tmp_path, m
     assert stale == {"train@toy-telme"}, stale
 
 
-def test_predict_refuses_a_student_store_by_name():
-    """`ercflow predict` cannot rebuild a fine-tuned audio/video student yet: one clear error, not a crash."""
-    from types import SimpleNamespace
+def test_predict_rebuilds_a_student_from_its_checkpoint(data, d2v, teacher_store, tmp_path, monkeypatch):
+    """`load_model(...).predict` on a head over a TelME audio student's store: the student comes back from its
+    checkpoint alone (the base weights are gone by then), projection to the teacher's size included, and the
+    head's outputs on the test dialogues are the ones training computed from the stored features."""
+    import shutil
 
+    from heads.data import CachedDialogues
+    from heads.fit import fit_head, save_trained_head
     from pipeline import UserError
-    from pipeline.predict import Model
+    from pipeline.params import HeadParams, TrainerParams
+    from pipeline.predict import load_model
 
-    model = SimpleNamespace(path="models/meld/telme.safetensors")
-    with pytest.raises(UserError, match=r"models/meld/telme.safetensors: its audio input is the fine-tuned audio "
-                                        r"encoder 'audio_student' \(stage finetune_student\)"):
-        Model.encoder(model, "audio", {"encoder": "audio_student", "encoder_kind": "finetuned_audio"}, None)
+    d, manifest, media = data
+    monkeypatch.chdir(tmp_path)
+    base = shutil.copytree(d2v, tmp_path / "base")
+    # one clip per forward pass: padding in a batch moves a clip's features a little (data2vec's convolutional
+    # position embedding sees it), and the batches of the store and of predict hold different clips
+    p = audio_params(str(base), objective="telme_student", paper_defaults="meld", epochs=1, eval_batch_size=1)
+    tuner = build_finetuner(manifest, p, "models/toy/audio_student", media, TelmeStudent(teacher_store, manifest, p))
+    tuner.train(log=lambda *_: None)
+    write_store(tuner, "audio_student", "data/features/toy/audio_student.h5")
+    tuner.close()
+    stores = {"audio": "data/features/toy/audio_student.h5"}
+    cached = CachedDialogues(manifest, stores)
+    hp = HeadParams(head="late_fusion", modalities=["audio"], options={"hidden": 16})
+    head, result = fit_head(hp, TrainerParams(epochs=2, batch_dialogues=4, device="cpu"), cached,
+                            log=lambda *_: None)
+    save_trained_head("models/toy/a.safetensors", "a", hp, head, result, cached, stores, str(media))
+    shutil.rmtree(base)
+
+    test = manifest.rows[manifest.rows["split"] == "test"]
+    table = test[["utt_id", "dialogue_id", "turn", "speaker", "text", "audio", "video"]]
+    model = load_model("models/toy/a.safetensors", device="cpu", work_dir=tmp_path / "work")
+    got = model.predict(table, media_root=manifest.meta.root)
+    assert head.dims["audio"] == 16   # the student's 32-d frames projected to the teacher's 16
+    rows, raw = result.predictions["test"]
+    want = torch.softmax(torch.from_numpy(raw), -1).numpy()
+    order = [list(got["utt_id"]).index(u) for u in manifest.rows.loc[rows, "utt_id"]]
+    probs = got[[f"p_{label}" for label in manifest.meta.labels]].to_numpy()[order]
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    assert (got.loc[order, "prediction"].to_numpy() == np.array(manifest.meta.labels)[want.argmax(1)]).all()
+
+    shutil.rmtree("models/toy/audio_student")
+    with pytest.raises(UserError, match=r"models/toy/a.safetensors: its audio input is the fine-tuned audio encoder "
+                                        r"'audio_student' \(stage finetune_student\) at models/toy/audio_student/best, "
+                                        r"which is not here"):
+        load_model("models/toy/a.safetensors", device="cpu", work_dir=tmp_path / "work2").predict(
+            table, media_root=manifest.meta.root)
