@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meld_csvs import MELD, meld_manifest  # noqa: E402
-from pipeline.finetune import FinetuneParams, TextFinetuner  # noqa: E402
+from pipeline.finetune import MEGA_BATCH, FinetuneParams, TextFinetuner  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
 
@@ -91,6 +91,42 @@ def frozen_baseline(manifest: Manifest, tmp: str, args) -> tuple[dict, float]:
     return metrics, time.perf_counter() - t0
 
 
+def run_seed(args, seed: int, modes: list[int]) -> list[dict]:
+    """Fine-tune once per mode (0: shuffled batches; m: length-grouped, m batches per mega-batch) with `seed`."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = train_subset(meld_manifest(tmp, args.csv_dir), args.train_utterances)
+        for mega in modes:
+            p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls",
+                               context_window=args.window, max_length=args.max_length, lr=args.lr,
+                               warmup_steps=100, epochs=args.epochs, batch_size=args.batch_size, patience=2,
+                               class_weights=args.class_weights, device="cpu", save_every_steps=0, seed=seed,
+                               group_by_length=bool(mega))
+            t0 = time.perf_counter()
+            tuner = TimedFinetuner(manifest, p, Path(tmp) / f"ckpt-{seed}-{mega}")
+            tuner.mega_batch = mega or MEGA_BATCH
+            pad = padding_share(tuner)
+            cpu0 = time.process_time()
+            state = tuner.train(log=lambda line: print(f"  [seed {seed}, {name(mega)}] {line}", flush=True))
+            train_cpu = (time.process_time() - cpu0 - tuner.eval_cpu) / len(state["history"])
+            tuner.load("best")
+            dev = tuner.evaluate("dev")
+            train_s = float(np.mean([h["train_seconds"] for h in state["history"]]))
+            steps = len(tuner.epoch_batches(0))
+            results.append({"mega": mega, "seed": seed, "train_s": train_s, "train_cpu": train_cpu,
+                            "rate": steps / train_s, "pad": pad, "dev": dev, "best": state["best_epoch"],
+                            "run_s": time.perf_counter() - t0})
+    return results
+
+
+def name(mega: int) -> str:
+    return f"grouped, mega {mega}" if mega else "shuffled"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv-dir", default=str(MELD))
@@ -102,7 +138,10 @@ def main():
     ap.add_argument("--class-weights", action="store_true")
     ap.add_argument("--train-utterances", type=int, default=0, help="a seeded subset of train dialogues (0: all)")
     ap.add_argument("--group-by-length", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--mega-batches", default=str(MEGA_BATCH),
+                    help="comma-separated batches per length-sorted mega-batch to compare (grouped runs)")
     ap.add_argument("--seeds", default="0", help="comma-separated fine-tune seeds (batch order, dropout, head)")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     ap.add_argument("--skip-frozen", action="store_true", help="no frozen-features baseline")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 keeps timings "
                                                             "steady on a machine shared with other work")
@@ -112,51 +151,46 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.group_by_length]
+    megas = [int(m) for m in args.mega_batches.split(",")]
+    modes = {"off": [0], "on": megas, "both": [0, *megas]}[args.group_by_length]
     seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"MELD ({args.csv_dir}){' seeded subset of train dialogues' if args.train_utterances else ''}; "
+          f"all-MiniLM-L6-v2, indi_context K={args.window}, [CLS] feature, batch {args.batch_size}, lr {args.lr}, "
+          f"{args.epochs} epoch(s), torch threads {torch.get_num_threads()}, seeds {seeds} in {args.jobs} "
+          f"process(es)", flush=True)
     frozen = None
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = train_subset(meld_manifest(tmp, args.csv_dir), args.train_utterances)
-        split = manifest.rows["split"].to_numpy()
-        print(f"MELD train {int((split == 'train').sum())} / dev {int((split == 'dev').sum())} utterances"
-              f"{' (seeded subset of train dialogues)' if args.train_utterances else ''}; all-MiniLM-L6-v2, "
-              f"indi_context K={args.window}, [CLS] feature, batch {args.batch_size}, lr {args.lr}, "
-              f"{args.epochs} epoch(s), torch threads {torch.get_num_threads()}", flush=True)
-        if not args.skip_frozen and len(modes) == 1 and len(seeds) == 1:
-            frozen, t_frozen = frozen_baseline(manifest, tmp, args)
-        for seed in seeds:
-            for grouped in modes:
-                p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls",
-                                   context_window=args.window, max_length=args.max_length, lr=args.lr,
-                                   warmup_steps=100, epochs=args.epochs, batch_size=args.batch_size, patience=2,
-                                   class_weights=args.class_weights, device="cpu", save_every_steps=0, seed=seed,
-                                   group_by_length=grouped)
-                t0 = time.perf_counter()
-                tuner = TimedFinetuner(manifest, p, Path(tmp) / f"ckpt-{seed}-{grouped}")
-                pad = padding_share(tuner)
-                cpu0 = time.process_time()
-                state = tuner.train(log=lambda line: print("  " + line, flush=True))
-                train_cpu = (time.process_time() - cpu0 - tuner.eval_cpu) / len(state["history"])
-                tuner.load("best")
-                dev = tuner.evaluate("dev")
-                train_s = float(np.mean([h["train_seconds"] for h in state["history"]]))
-                steps = -(-len(tuner.rows["train"]) // p.batch_size)
-                results.append({"grouped": grouped, "seed": seed, "train_s": train_s, "train_cpu": train_cpu,
-                                "rate": steps / train_s, "pad": pad, "dev": dev, "best": state["best_epoch"],
-                                "run_s": time.perf_counter() - t0})
-    print(f"\n{'batches':14s} {'seed':>4s} {'train s/epoch':>13s} {'CPU s/epoch':>11s} {'steps/s':>8s} "
+    if not args.skip_frozen and len(modes) == 1 and len(seeds) == 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            frozen, t_frozen = frozen_baseline(train_subset(meld_manifest(tmp, args.csv_dir), args.train_utterances),
+                                               tmp, args)
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            runs = list(pool.map(run_seed, [args] * len(seeds), seeds, [modes] * len(seeds)))
+    else:
+        runs = [run_seed(args, seed, modes) for seed in seeds]
+    results = [r for run in runs for r in run]
+    print(f"\n{'batches':18s} {'seed':>4s} {'train s/epoch':>13s} {'CPU s/epoch':>11s} {'steps/s':>8s} "
           f"{'padding':>8s} {'dev WF1':>8s} {'dev acc':>8s} {'best ep':>7s} {'run s':>6s}")
     for r in results:
-        print(f"{'length-grouped' if r['grouped'] else 'shuffled':14s} {r['seed']:4d} {r['train_s']:13.1f} "
-              f"{r['train_cpu']:11.1f} {r['rate']:8.2f} {r['pad']:8.1%} {r['dev']['wf1']:8.4f} "
-              f"{r['dev']['accuracy']:8.4f} {r['best']:7d} {r['run_s']:6.0f}")
-    if len(modes) == 2:
-        for seed in seeds:
-            off, on = [r for r in results if r["seed"] == seed]
-            print(f"seed {seed}: length-grouped epochs {off['train_s'] / on['train_s']:.2f}x faster in wall time, "
-                  f"{off['train_cpu'] / on['train_cpu']:.2f}x in CPU time; dev WF1 "
-                  f"{100 * (on['dev']['wf1'] - off['dev']['wf1']):+.2f} points")
+        print(f"{name(r['mega']):18s} {r['seed']:4d} {r['train_s']:13.1f} {r['train_cpu']:11.1f} {r['rate']:8.2f} "
+              f"{r['pad']:8.1%} {r['dev']['wf1']:8.4f} {r['dev']['accuracy']:8.4f} {r['best']:7d} {r['run_s']:6.0f}")
+    for mega in modes:
+        if not mega or 0 not in modes:
+            continue
+        pairs = [([r for r in results if r["seed"] == s and r["mega"] == 0][0],
+                  [r for r in results if r["seed"] == s and r["mega"] == mega][0]) for s in seeds]
+        cpu = np.array([off["train_cpu"] / on["train_cpu"] for off, on in pairs])
+        wall = np.array([off["train_s"] / on["train_s"] for off, on in pairs])
+        gap = np.array([100 * (on["dev"]["wf1"] - off["dev"]["wf1"]) for off, on in pairs])
+        shuffled = np.array([100 * off["dev"]["wf1"] for off, _ in pairs])
+        grouped = np.array([100 * on["dev"]["wf1"] for _, on in pairs])
+        print(f"{name(mega)} against shuffled over seeds {seeds}: {cpu.mean():.2f}x less CPU per epoch "
+              f"({wall.mean():.2f}x wall); dev WF1 {grouped.mean():.2f} ± {grouped.std():.2f} vs "
+              f"{shuffled.mean():.2f} ± {shuffled.std():.2f}, difference {gap.mean():+.2f} "
+              f"(per seed {', '.join(f'{g:+.2f}' for g in gap)})")
     if frozen is not None:
         tuned = results[0]["dev"]
         print(f"frozen features + logistic regression  dev WF1 {frozen['wf1']:.4f}  acc {frozen['accuracy']:.4f}  "
