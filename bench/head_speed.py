@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from heads import build_head  # noqa: E402
+from heads.registry import build_head  # noqa: E402
 from heads.data import CachedDialogues  # noqa: E402
 from heads.trainer import train_head  # noqa: E402
 from pipeline.manifest import Manifest, ManifestMeta  # noqa: E402

@@ -85,7 +85,7 @@ def options_model(name: str, cls: type) -> type[BaseModel]:
 @functools.cache
 def head_options() -> dict[str, type[BaseModel]]:
     """Head registry name -> options model, for every head in heads/."""
-    from heads import HEADS, baselines, dialoguetrm, matav, telme  # noqa: F401  (fill the registry)
+    from heads.registry import HEADS
 
     return {name: options_model(name, cls) for name, cls in sorted(HEADS.items())}
 

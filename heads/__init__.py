@@ -125,19 +125,3 @@ class ERCHead(nn.Module):
     def loss(self, batch: DialogueBatch, out: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss = self.task_loss(batch, out)
         return loss, {"task": float(loss.detach())}
-
-
-def build_head(name: str, dims: dict[str, int], n_out: int, task: str, options: dict) -> ERCHead:
-    from heads import baselines, dialoguetrm, matav, telme  # noqa: F401  (fill the registry)
-
-    if name not in HEADS:
-        raise ValueError(f"unknown head '{name}'; known: {sorted(HEADS)}")
-    cls = HEADS[name]
-    options = dict(options)
-    preset = options.pop("paper_defaults", None)
-    if preset is not None:
-        presets = getattr(cls, "PAPER_DEFAULTS", {})
-        if preset not in presets:
-            raise ValueError(f"head '{name}': no paper_defaults '{preset}'; known: {sorted(presets)}")
-        options = {**presets[preset], **options}   # explicit options override the paper's table
-    return cls(dims, n_out, task, **options)

@@ -32,7 +32,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from heads import ERCHead, build_head
+from heads import ERCHead
+from heads.registry import build_head
 from pipeline.store import FeatureStore, MediaStore, StoreError, guarded_write, what_to_do
 
 FORMAT = "ercflow.head"

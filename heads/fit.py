@@ -2,7 +2,8 @@
 that `ercflow predict` and `load_model` read back (heads/bundle.py)."""
 from __future__ import annotations
 
-from heads import ERCHead, build_head
+from heads import ERCHead
+from heads.registry import build_head
 from heads.bundle import save_head, store_recipe
 from heads.data import CachedDialogues
 from heads.trainer import TrainResult, seed_everything, train_head

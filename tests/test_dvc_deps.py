@@ -70,6 +70,16 @@ def test_every_stage_lists_every_module_it_imports():
 
 
 def test_the_import_walk_finds_lazy_imports():
-    """The walk must see imports inside functions (heads are registered by one in build_head)."""
+    """The walk must see imports inside functions."""
     files = {str(f.relative_to(REPO)) for f in imported_files(REPO / "stages" / "train.py")}
     assert {"heads/matav.py", "heads/mamba.py", "pipeline/store.py", "pipeline/__init__.py"} <= files
+
+
+def test_a_student_fine_tune_depends_on_telme_alone_among_the_heads():
+    """An edit to another head must not re-run a student's fine-tune (hours on a GPU): the stage imports
+    heads/telme.py's losses, not the registry of every head."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune_student"]
+    reached = {str(f.relative_to(REPO)) for f in imported_files(REPO / "stages" / "finetune_student.py")}
+    heads = sorted(f for f in reached if f.startswith("heads/"))
+    assert heads == ["heads/__init__.py", "heads/data.py", "heads/layers.py", "heads/telme.py"], heads
+    assert "heads" not in stage["deps"] and "heads/dialoguetrm.py" not in stage["deps"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from heads import build_head
+from heads.registry import build_head
 from heads.dialoguetrm import GATE, MGIF, Discriminator, conv_context_mask, context_free_mask
 from heads.matav import TAVAlignment, mec_term
 from heads.telme import ASF, dist_loss, feature_kd_loss

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from heads import build_head
+from heads.registry import build_head
 from heads.data import CachedDialogues
 from heads.layers import LayerMix
 from pipeline.encoders import build_encoder

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from conftest import REPO
-from heads import build_head
+from heads.registry import build_head
 from heads.bundle import BundleError, load_head, load_trained_head, save_head
 from heads.data import CachedDialogues
 from pipeline.finetune import CheckpointError, FinetuneParams, TextFinetuner

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from heads import build_head
+from heads.registry import build_head
 from heads.data import IGNORE, CachedDialogues
 from heads.trainer import train_head
 from pipeline.encoders import Encoder
