@@ -167,6 +167,11 @@ class Model:
             config = dict(recipe["config"])
             if "device" in config:
                 config["device"] = self.device_name
+                if config.get("runtime") == "onnx":   # ONNX Runtime runs on a CPU: as the training store was made
+                    config["device"] = "cpu"
+                    if self.device_name != "cpu":
+                        log.info("encoder '%s' runs with ONNX Runtime on the CPU (runtime: onnx, as its training "
+                                 "store was computed); the rest on %s", name, self.device_name)
             enc = build_encoder(name, {"kind": kind, **config})
         got, want = enc.provenance().get("weights_hash"), recipe.get("weights_hash")
         if want and got != want:

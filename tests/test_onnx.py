@@ -152,3 +152,20 @@ def test_onnx_only_on_a_cpu_and_not_with_int8(tiny_bert):
         build_encoder("t", {**cfg, "device": "cpu", "quantize": "int8"})
     with pytest.raises(ParamsError, match=r"encoders\.t\.runtime"):
         build_encoder("t", {**cfg, "device": "cpu", "runtime": "tensorrt"})
+
+
+def test_predict_on_a_gpu_keeps_an_onnx_encoder_on_the_cpu(tiny_bert):
+    """A bundle whose store ONNX Runtime computed, predicted with --device cuda: that encoder is rebuilt on the
+    CPU with ONNX Runtime (the features the head was trained on), not refused for the device."""
+    from types import SimpleNamespace
+
+    from pipeline.predict import Model
+
+    trained = build_encoder("t", {"kind": "hf_text", "weights": tiny_bert, "device": "cpu", "pooling": "mean",
+                                  "runtime": "onnx"})
+    recipe = trained.provenance()
+    for device in ("cuda", "auto", "cpu"):
+        model = SimpleNamespace(path="models/x/h.safetensors", device_name=device, allow_weights_mismatch=False)
+        enc = Model.encoder(model, "text", recipe, None)
+        assert enc.device.type == "cpu" and enc.provenance()["compute"] == "onnx-fp32"
+        assert enc.provenance()["config_hash"] == recipe["config_hash"]
