@@ -246,3 +246,35 @@ def test_two_processes_train_as_one_with_twice_the_batch_and_resume_across_world
     a, b = load_file(tmp_path / "one/last/encoder/model.safetensors"), load_file(tmp_path / "two/last/encoder/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def test_the_finetune_stage_runs_itself_under_torchrun(tiny_bert, sample_manifest, tmp_path):
+    """`finetune.<teacher>.procs: 2`: `python -m stages.finetune_text` (what dvc runs) relaunches itself as 2
+    ranks; rank 0 keeps the checkpoints and the teacher store, whose rows, logits and summary say 2 processes."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    project = tmp_path / "project"
+    sample_manifest.save(project / "data/manifest/sample")
+    teacher = dict(weights=tiny_bert, input_format="indi_context", pooling="cls", context_window=3, max_length=48,
+                   lr=2e-3, warmup_steps=1, epochs=1, batch_size=4, device="cpu", save_every_steps=0, procs=2)
+    (project / "params.yaml").write_text(yaml.safe_dump({"finetune": {"t": teacher}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ERCFLOW_DIST_TIMEOUT": "120"}
+    out = subprocess.run([sys.executable, "-m", "stages.finetune_text", "--dataset", "sample", "--teacher", "t"],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fine-tune t: 2 processes" in out.stderr, out.stderr[-2000:]
+    summary = json.loads((project / "data/features/sample/t.summary.json").read_text())
+    assert summary["finetune"]["processes"] == 2 and summary["finetune"]["global_batch"] == 8
+    with FeatureStore(project / "data/features/sample/t.h5") as s:
+        n_labels = len(sample_manifest.meta.labels)
+        assert s.utt_ids == sample_manifest.utt_ids and s.logits(s.utt_ids).shape == (len(sample_manifest), n_labels)
+    meta = json.loads((project / "models/sample/t/best/checkpoint.json").read_text())
+    single = {**{k: v for k, v in teacher.items() if k != "procs"}, "batch_size": 8}
+    # 2 processes x 4 is the run of 1 x 8
+    assert meta["fingerprint"] == TextFinetuner(sample_manifest, FinetuneParams(**single), tmp_path / "one").fingerprint
