@@ -4,15 +4,17 @@ dev WF1 next to a logistic regression on the same model's frozen features, in th
 
     python bench/finetune_meld.py --epochs 3          # ~35 min on 2 CPU cores
 
-Length-grouped batches (`group_by_length`) against the plain shuffle, one epoch each, evaluated on the whole
-dev split (never test); the frozen baseline is skipped. `--train-utterances N` takes a seeded subset of the
-train dialogues (but one epoch on 2,000 utterances only learns the majority class: use all of train to
-compare dev WF1):
+Batch arrangements against the plain shuffle (`--modes`), evaluated on the whole dev split (never test); the
+frozen baseline is skipped then. `grouped:M`: `group_by_length` with M batches per length-sorted mega-batch;
+`micro:K`: `sort_micro_batches` with K micro-batches of batch_size / K per step (grad_accum K: each step holds
+the rows of a shuffled batch). `--train-utterances N` takes a seeded subset of the train dialogues (but one
+epoch on 2,000 utterances only learns the majority class: use all of train to compare dev WF1):
 
-    python bench/finetune_meld.py --epochs 1 --group-by-length both --threads 1
+    python bench/finetune_meld.py --epochs 1 --modes shuffled,grouped:50,micro:4 --seeds 0,1,2 --jobs 3 --threads 1
 
 Per run it prints the epoch's train seconds (dev evaluation apart) in wall time and in process CPU time
-(steadier on a shared machine), steps/s, the share of computed token positions that are padding, and dev WF1.
+(steadier on a shared machine), steps/s, the share of computed token positions that are padding, and dev WF1;
+then each arrangement against the shuffle, per seed and averaged.
 """
 from __future__ import annotations
 
@@ -91,8 +93,20 @@ def frozen_baseline(manifest: Manifest, tmp: str, args) -> tuple[dict, float]:
     return metrics, time.perf_counter() - t0
 
 
-def run_seed(args, seed: int, modes: list[int]) -> list[dict]:
-    """Fine-tune once per mode (0: shuffled batches; m: length-grouped, m batches per mega-batch) with `seed`."""
+def mode_params(mode: str, batch_size: int) -> dict:
+    """FinetuneParams of an arrangement: `shuffled`, `grouped:M` or `micro:K`."""
+    kind, _, n = mode.partition(":")
+    if kind == "shuffled":
+        return {"batch_size": batch_size}
+    if kind == "grouped":
+        return {"batch_size": batch_size, "group_by_length": True}
+    if kind == "micro" and int(n) > 1 and batch_size % int(n) == 0:
+        return {"batch_size": batch_size // int(n), "grad_accum": int(n), "sort_micro_batches": True}
+    raise SystemExit(f"--modes: {mode!r} is not shuffled, grouped:M or micro:K (K > 1 dividing --batch-size)")
+
+
+def run_seed(args, seed: int, modes: list[str]) -> list[dict]:
+    """Fine-tune once per arrangement in `modes` with `seed`."""
     import torch
 
     if args.threads:
@@ -100,31 +114,27 @@ def run_seed(args, seed: int, modes: list[int]) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         manifest = train_subset(meld_manifest(tmp, args.csv_dir), args.train_utterances)
-        for mega in modes:
+        for i, mode in enumerate(modes):
             p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls",
                                context_window=args.window, max_length=args.max_length, lr=args.lr,
-                               warmup_steps=100, epochs=args.epochs, batch_size=args.batch_size, patience=2,
-                               class_weights=args.class_weights, device="cpu", save_every_steps=0, seed=seed,
-                               group_by_length=bool(mega))
+                               warmup_steps=100, epochs=args.epochs, patience=2, class_weights=args.class_weights,
+                               device="cpu", save_every_steps=0, seed=seed, **mode_params(mode, args.batch_size))
             t0 = time.perf_counter()
-            tuner = TimedFinetuner(manifest, p, Path(tmp) / f"ckpt-{seed}-{mega}")
-            tuner.mega_batch = mega or MEGA_BATCH
+            tuner = TimedFinetuner(manifest, p, Path(tmp) / f"ckpt-{seed}-{i}")
+            if mode.startswith("grouped:"):
+                tuner.mega_batch = int(mode.split(":")[1])
             pad = padding_share(tuner)
             cpu0 = time.process_time()
-            state = tuner.train(log=lambda line: print(f"  [seed {seed}, {name(mega)}] {line}", flush=True))
+            state = tuner.train(log=lambda line: print(f"  [seed {seed}, {mode}] {line}", flush=True))
             train_cpu = (time.process_time() - cpu0 - tuner.eval_cpu) / len(state["history"])
             tuner.load("best")
             dev = tuner.evaluate("dev")
             train_s = float(np.mean([h["train_seconds"] for h in state["history"]]))
-            steps = len(tuner.epoch_batches(0))
-            results.append({"mega": mega, "seed": seed, "train_s": train_s, "train_cpu": train_cpu,
+            steps = -(-len(tuner.epoch_batches(0)) // p.grad_accum)
+            results.append({"mode": mode, "seed": seed, "train_s": train_s, "train_cpu": train_cpu,
                             "rate": steps / train_s, "pad": pad, "dev": dev, "best": state["best_epoch"],
                             "run_s": time.perf_counter() - t0})
     return results
-
-
-def name(mega: int) -> str:
-    return f"grouped, mega {mega}" if mega else "shuffled"
 
 
 def main():
@@ -137,9 +147,8 @@ def main():
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--class-weights", action="store_true")
     ap.add_argument("--train-utterances", type=int, default=0, help="a seeded subset of train dialogues (0: all)")
-    ap.add_argument("--group-by-length", choices=["off", "on", "both"], default="off")
-    ap.add_argument("--mega-batches", default=str(MEGA_BATCH),
-                    help="comma-separated batches per length-sorted mega-batch to compare (grouped runs)")
+    ap.add_argument("--modes", default="shuffled", help="comma-separated batch arrangements: shuffled, "
+                                                         f"grouped:M (e.g. grouped:{MEGA_BATCH}), micro:K (e.g. micro:4)")
     ap.add_argument("--seeds", default="0", help="comma-separated fine-tune seeds (batch order, dropout, head)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     ap.add_argument("--skip-frozen", action="store_true", help="no frozen-features baseline")
@@ -151,15 +160,16 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    megas = [int(m) for m in args.mega_batches.split(",")]
-    modes = {"off": [0], "on": megas, "both": [0, *megas]}[args.group_by_length]
+    modes = args.modes.split(",")
+    for mode in modes:
+        mode_params(mode, args.batch_size)
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"MELD ({args.csv_dir}){' seeded subset of train dialogues' if args.train_utterances else ''}; "
           f"all-MiniLM-L6-v2, indi_context K={args.window}, [CLS] feature, batch {args.batch_size}, lr {args.lr}, "
           f"{args.epochs} epoch(s), torch threads {torch.get_num_threads()}, seeds {seeds} in {args.jobs} "
           f"process(es)", flush=True)
     frozen = None
-    if not args.skip_frozen and len(modes) == 1 and len(seeds) == 1:
+    if not args.skip_frozen and modes == ["shuffled"] and len(seeds) == 1:
         with tempfile.TemporaryDirectory() as tmp:
             frozen, t_frozen = frozen_baseline(train_subset(meld_manifest(tmp, args.csv_dir), args.train_utterances),
                                                tmp, args)
@@ -172,23 +182,23 @@ def main():
     else:
         runs = [run_seed(args, seed, modes) for seed in seeds]
     results = [r for run in runs for r in run]
-    print(f"\n{'batches':18s} {'seed':>4s} {'train s/epoch':>13s} {'CPU s/epoch':>11s} {'steps/s':>8s} "
+    print(f"\n{'batches':12s} {'seed':>4s} {'train s/epoch':>13s} {'CPU s/epoch':>11s} {'steps/s':>8s} "
           f"{'padding':>8s} {'dev WF1':>8s} {'dev acc':>8s} {'best ep':>7s} {'run s':>6s}")
     for r in results:
-        print(f"{name(r['mega']):18s} {r['seed']:4d} {r['train_s']:13.1f} {r['train_cpu']:11.1f} {r['rate']:8.2f} "
+        print(f"{r['mode']:12s} {r['seed']:4d} {r['train_s']:13.1f} {r['train_cpu']:11.1f} {r['rate']:8.2f} "
               f"{r['pad']:8.1%} {r['dev']['wf1']:8.4f} {r['dev']['accuracy']:8.4f} {r['best']:7d} {r['run_s']:6.0f}")
-    for mega in modes:
-        if not mega or 0 not in modes:
+    for mode in modes:
+        if mode == "shuffled" or "shuffled" not in modes:
             continue
-        pairs = [([r for r in results if r["seed"] == s and r["mega"] == 0][0],
-                  [r for r in results if r["seed"] == s and r["mega"] == mega][0]) for s in seeds]
+        pairs = [([r for r in results if r["seed"] == s and r["mode"] == "shuffled"][0],
+                  [r for r in results if r["seed"] == s and r["mode"] == mode][0]) for s in seeds]
         cpu = np.array([off["train_cpu"] / on["train_cpu"] for off, on in pairs])
         wall = np.array([off["train_s"] / on["train_s"] for off, on in pairs])
         gap = np.array([100 * (on["dev"]["wf1"] - off["dev"]["wf1"]) for off, on in pairs])
         shuffled = np.array([100 * off["dev"]["wf1"] for off, _ in pairs])
-        grouped = np.array([100 * on["dev"]["wf1"] for _, on in pairs])
-        print(f"{name(mega)} against shuffled over seeds {seeds}: {cpu.mean():.2f}x less CPU per epoch "
-              f"({wall.mean():.2f}x wall); dev WF1 {grouped.mean():.2f} ± {grouped.std():.2f} vs "
+        other = np.array([100 * on["dev"]["wf1"] for _, on in pairs])
+        print(f"{mode} against shuffled over seeds {seeds}: {cpu.mean():.2f}x less CPU per epoch "
+              f"({wall.mean():.2f}x wall); dev WF1 {other.mean():.2f} ± {other.std():.2f} vs "
               f"{shuffled.mean():.2f} ± {shuffled.std():.2f}, difference {gap.mean():+.2f} "
               f"(per seed {', '.join(f'{g:+.2f}' for g in gap)})")
     if frozen is not None:

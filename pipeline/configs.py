@@ -143,9 +143,21 @@ class FinetuneBase:
     save_every_steps: NonNegativeInt = 200   # a resumable checkpoint this often (and at each epoch's end); 0: epochs only
     eval_batch_size: PositiveInt = 32
     # batches of similar input length (shuffle, sort by length within mega-batches of 50 batches, shuffle the
-    # batches): 2.6x less CPU per epoch on MELD, but 1.35 dev WF1 lower after one epoch (README, Benchmarks)
+    # batches): 2.6x less CPU per epoch on MELD, but ~1.3 dev WF1 lower after one epoch (README, Benchmarks)
     group_by_length: bool = False
+    # each step's rows (batch_size x grad_accum x processes, drawn as shuffled batches of that size are) sorted
+    # by length before they are cut into the step's grad_accum micro-batches: the step sees a shuffled batch,
+    # each micro-batch padded only to its own longest input (README, Benchmarks); needs grad_accum > 1
+    sort_micro_batches: bool = False
     procs: PositiveInt = 1   # processes training side by side (torchrun, DistributedDataParallel); run-only
+
+    def __post_init__(self):
+        if self.sort_micro_batches and self.grad_accum == 1:
+            raise ValueError("sort_micro_batches sorts a step's rows into its grad_accum micro-batches: set grad_accum "
+                             "> 1 (e.g. batch_size 8, grad_accum 4 for steps of 32)")
+        if self.sort_micro_batches and self.group_by_length:
+            raise ValueError("sort_micro_batches and group_by_length both arrange batches by length: set one of "
+                             "them to false")
 
 
 @dataclass(kw_only=True)

@@ -95,7 +95,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
 MEGA_BATCH = 50   # group_by_length: batches per mega-batch sorted by length (as transformers' LengthGroupedSampler)
 # options added after checkpoints and teacher stores were first written: at these values they are left out
 # of the fingerprints, so an existing checkpoint / store stays valid (resumable, up to date)
-NEUTRAL_ADDITIONS = {"group_by_length": False, "kind": "hf_text", "objective": "ce", "paper_defaults": None,
+NEUTRAL_ADDITIONS = {"group_by_length": False, "sort_micro_batches": False, "kind": "hf_text", "objective": "ce", "paper_defaults": None,
                      "alpha": None, "beta": None, "tau_response": None, "tau_feature": None}
 RUN_ONLY = ("procs",)   # how the fine-tune runs, not what it computes (the global batch is in the fingerprint)
 
@@ -126,6 +126,19 @@ def length_grouped_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: in
     if batches:
         first = int(np.argmax([lengths[b].max() for b in batches]))
         batches.insert(0, batches.pop(first))
+    return batches
+
+
+def length_sorted_micro_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int,
+                                grad_accum: int) -> list[np.ndarray]:
+    """`rows` (already shuffled) cut into steps of batch_size x grad_accum rows, as shuffled batches of that size
+    are cut; each step's rows sorted by `lengths[row]`, longest first, and cut into its micro-batches of
+    batch_size. A step computes the gradient of the rows a shuffled batch holds, with less padding."""
+    step, batches = batch_size * grad_accum, []
+    for s in range(0, len(rows), step):
+        group = rows[s:s + step]
+        group = group[np.argsort(-lengths[group], kind="stable")]
+        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
     return batches
 
 
@@ -391,6 +404,8 @@ class Finetuner:
         order, bs = rng.permutation(self.rows["train"]), self.p.batch_size * self.ranks.world
         if self.p.group_by_length:
             return length_grouped_batches(order, self.lengths, bs, rng, self.mega_batch)
+        if self.p.sort_micro_batches:
+            return length_sorted_micro_batches(order, self.lengths, bs, self.p.grad_accum)
         return [order[s:s + bs] for s in range(0, len(order), bs)]
 
     @torch.inference_mode()
@@ -625,12 +640,16 @@ class Finetuner:
                 for b in range(state["batch"], len(batches)):
                     rows, share = self.my_share(batches[b], weight)
                     last_micro = (b + 1) % p.grad_accum == 0 or b + 1 == len(batches)
+                    # a micro-batch's loss weighs by its share of the step's rows: the step's loss is the mean
+                    # over its rows (1 / grad_accum each in a full step; the epoch's last step may be shorter)
+                    first = b - b % p.grad_accum
+                    micro = len(batches[b]) / sum(len(x) for x in batches[first:first + p.grad_accum])
                     with (net.no_sync() if r.distributed and not last_micro else nullcontext()):
                         batch = self.collate(rows)
                         with autocast_context(self.device, p.autocast):
                             pooled, logits = net(batch)
                         loss = self.objective.loss(rows, pooled, logits, y_all[rows].to(self.device), weight)
-                        ((loss * share if r.distributed else loss) / p.grad_accum).backward()
+                        ((loss * share if r.distributed else loss) * micro).backward()
                     tally["loss"] += float(loss.detach())
                     tally["batches"] += 1
                     state["batch"] = b + 1

@@ -442,7 +442,24 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str):
     except ValidationError as e:
         problems = validation_problems(e, where, data, _json_schema(model))
         raise ParamsError("\n".join(problems), problems) from None
-    return cls(**{k: getattr(m, k) for k in m.model_fields_set})
+    try:
+        return cls(**{k: getattr(m, k) for k in m.model_fields_set})
+    except ValueError as e:   # options the dataclass refuses together (its __post_init__)
+        raise ParamsError(f"{where}: {e}") from None
+
+
+def combination_problem(cls, data: Mapping[str, Any], where: str) -> str | None:
+    """What `cls`'s __post_init__ refuses in `data` (options that do not go together), or None; data the
+    schema refuses is left to the schema's messages."""
+    try:
+        m = strict_model(cls).model_validate(dict(data))
+    except ValidationError:
+        return None
+    try:
+        cls(**{k: getattr(m, k) for k in m.model_fields_set})
+    except ValueError as e:
+        return f"{where}: {e}"
+    return None
 
 
 # --- error messages ---------------------------------------------------------------------------------------
@@ -601,10 +618,14 @@ def _finetune_problems(teachers: list[str], distil: dict, finetune: dict) -> lis
     elif students and isinstance(teacher, str) and teacher not in teachers:
         problems.append(f"distil.teacher: {teacher!r} is not a fine-tuned teacher (not in teachers: {teachers}); "
                         "its store's logits are distilled")
+    kinds = finetune_kinds()
     for name, c in finetune.items():
         if isinstance(c, dict) and c.get("objective") == "telme_student" and name not in students + teachers:
             problems.append(f"finetune.{name}.objective: telme_student distils distil.teacher's store: list "
                             f"'{name}' in distil.students")
+        if isinstance(c, dict) and c.get("kind", DEFAULT_FINETUNE_KIND) in kinds:
+            problems += filter(None, [combination_problem(kinds[c.get("kind", DEFAULT_FINETUNE_KIND)], c,
+                                                          f"finetune.{name}")])
     return problems
 
 

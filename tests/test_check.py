@@ -53,6 +53,8 @@ BAD = [
     ("task typo", edit("heads.text_mlp.task", "categorial"), "heads.text_mlp.task: 'categorial' is not one of"),
     ("epochs: ten", edit("trainer.epochs", "ten"), "trainer.epochs: input should be a valid integer"),
     ("repeated seeds", edit("trainer.seeds", [0, 1, 0]), "trainer: seeds must differ"),
+    ("sorted micro-batches, no accumulation", edit("finetune.teacher_minilm.sort_micro_batches", True),
+     "finetune.teacher_minilm: sort_micro_batches sorts a step's rows into its grad_accum micro-batches"),
     ("sample not generated", edit("samples", []), "data.sample: its root data/raw/sample is written by make_sample"),
     ("negative lr", edit("trainer.lr", -1e-3), "trainer.lr: input should be greater than 0"),
     ("negative lr override", edit("heads.telme.trainer", {"lr": -1}), "heads.telme.trainer.lr: input should be greater"),

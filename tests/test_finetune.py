@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.finetune import (FinetuneParams, InterruptTraining, TextFinetuner, length_grouped_batches,
-                               params_identity, write_teacher_store)
+                               length_sorted_micro_batches, params_identity, write_teacher_store)
 from pipeline.store import FeatureStore
 
 
@@ -59,10 +59,12 @@ def test_prompt_teacher_keeps_speaker_tokens(tiny_bert, sample_manifest, tmp_pat
     assert "<s1>" in tok.get_vocab() and len(tok) == len(tuner.tokenizer)
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "length_grouped"])
-def test_interrupted_finetune_resumes_from_last_checkpoint(tiny_bert, sample_manifest, tmp_path, grouped):
+@pytest.mark.parametrize("batches", [{}, {"group_by_length": True},
+                                     {"batch_size": 4, "grad_accum": 2, "sort_micro_batches": True}],
+                         ids=["shuffled", "length_grouped", "sorted_micro_batches"])
+def test_interrupted_finetune_resumes_from_last_checkpoint(tiny_bert, sample_manifest, tmp_path, batches):
     logs = []
-    kw = dict(epochs=2, group_by_length=grouped)
+    kw = dict(epochs=2, **batches)
     ref = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "ref").train(log=logs.append)
     tuner = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "ckpt")
     with pytest.raises(InterruptTraining):
@@ -104,6 +106,58 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     assert padded(batches) < 0.75 * padded(plain)
     again = length_grouped_batches(rows, lengths, 8, np.random.default_rng(1))
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))   # a function of the seed
+
+
+def test_length_sorted_micro_batches_keep_the_shuffled_steps_with_less_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, 1003)
+    rows = rng.permutation(1003)
+    micro = length_sorted_micro_batches(rows, lengths, 8, 4)
+    plain = [rows[s:s + 32] for s in range(0, 1003, 32)]   # the shuffled batches of 32 that one step would take
+    steps = [np.concatenate(micro[i:i + 4]) for i in range(0, len(micro), 4)]   # as the training loop groups them
+    assert [sorted(x.tolist()) for x in steps] == [sorted(x.tolist()) for x in plain]
+    assert all(len(m) == 8 for m in micro[:-1]) and all((np.diff(lengths[m]) <= 0).all() for m in micro)
+    padded = lambda bs, n: sum(n * lengths[b].max() for b in bs)   # noqa: E731  (positions computed, full batches)
+    assert padded(micro, 8) < 0.75 * padded(plain, 32)
+
+
+def test_sorted_micro_batches_train_as_the_shuffled_batch(tiny_bert, sample_manifest, tmp_path, one_thread):
+    """batch_size 4 x grad_accum 2 with sort_micro_batches takes the steps that batch_size 8 takes: the same rows
+    per step (each micro-batch's loss weighted by its share of the step, the epoch's short last step included),
+    so after 2 epochs the train loss and the weights agree with the shuffled run's (relative 1e-4: only the
+    padding and the order of the sums differ), with fewer padded positions computed."""
+    import shutil
+
+    model = tmp_path / "bert"   # without dropout: the two runs' dropout draws would differ
+    shutil.copytree(tiny_bert, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(cfg))
+    kw = dict(dropout=0.0, epochs=2, save_every_steps=0, lr=2e-3, warmup_steps=1)
+    whole = TextFinetuner(sample_manifest, params(str(model), batch_size=8, **kw), tmp_path / "whole")
+    split = TextFinetuner(sample_manifest, params(str(model), batch_size=4, grad_accum=2, sort_micro_batches=True,
+                                                  **kw), tmp_path / "split")
+    assert len(whole.rows["train"]) % 8, "the test needs a short last step"
+    padded = lambda t: sum(len(b) * t.lengths[b].max() for b in t.epoch_batches(0))   # noqa: E731
+    assert padded(split) < padded(whole)
+    a, b = whole.train(log=lambda *_: None), split.train(log=lambda *_: None)
+    assert a["step"] == b["step"]
+    assert train_loss(split) == pytest.approx(train_loss(whole), rel=1e-4)
+    x, y = load_file(tmp_path / "whole/last/encoder/model.safetensors"), load_file(tmp_path / "split/last/encoder/model.safetensors")
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-3, atol=1e-5)
+
+
+def test_sort_micro_batches_needs_micro_batches_and_no_grouping():
+    from pipeline.params import ParamsError, from_dict
+
+    base = {"weights": "w", "batch_size": 8}
+    with pytest.raises(ParamsError, match=r"finetune\.t.*sort_micro_batches.*grad_accum"):
+        from_dict(FinetuneParams, {**base, "sort_micro_batches": True}, "finetune.t")
+    with pytest.raises(ParamsError, match=r"finetune\.t.*group_by_length"):
+        from_dict(FinetuneParams, {**base, "grad_accum": 4, "sort_micro_batches": True, "group_by_length": True},
+                  "finetune.t")
+    assert from_dict(FinetuneParams, {**base, "grad_accum": 4, "sort_micro_batches": True}, "finetune.t").grad_accum == 4
 
 
 def test_group_by_length_epochs_and_fingerprints(tiny_bert, sample_manifest, tmp_path):
