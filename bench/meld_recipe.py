@@ -8,7 +8,7 @@ per head and store, the teacher's own dev WF1 (its classifier, from the store's 
 MELD's test split is never read (the repository has no test CSV; selection is on dev).
 
     python bench/meld_recipe.py                       # ~1.5 h on 2 CPU cores (the teacher's fine-tuning most of it)
-    python bench/meld_recipe.py --ctx-pooling mean --ctx-layers last --keep /tmp/meld-run   # the README's table
+    python bench/meld_recipe.py --ctx-pooling mean --ctx-layers last --teacher-grouped   # the README's table
 """
 from __future__ import annotations
 
@@ -33,14 +33,19 @@ from ercflow.recipe import apply_recipe  # noqa: E402
 FROZEN, CONTEXT, TEACHER = "text_minilm", "text_minilm_ctx", "teacher_minilm"
 
 
-def bench_params(seeds: list[int], teacher_epochs: int | None = None, ctx: dict | None = None
-                 ) -> tuple[dict, dict[str, tuple[str, str]]]:
-    """The recipe over the repository's params (the teacher's epochs and the indi_context store's options
-    overridden where given), with each text head on the frozen store and on the teacher's; returns the params
-    and {head: (head kind, store)}."""
+GROUPED_TEACHER = {"batch_size": 32, "grad_accum": 1, "sort_micro_batches": False, "group_by_length": True}
+
+
+def bench_params(seeds: list[int], teacher_epochs: int | None = None, ctx: dict | None = None,
+                 teacher_grouped: bool = False) -> tuple[dict, dict[str, tuple[str, str]]]:
+    """The recipe over the repository's params (the teacher's epochs and batches and the indi_context store's
+    options overridden where given), with each text head on the frozen store and on the teacher's; returns the
+    params and {head: (head kind, store)}."""
     params = apply_recipe("meld-text-cpu", yaml.safe_load((REPO / "params.yaml").read_text()))
     if teacher_epochs:
         params["finetune"][TEACHER] = {**params["finetune"][TEACHER], "epochs": teacher_epochs}
+    if teacher_grouped:   # the teacher's batches as the README's table was measured (length-grouped)
+        params["finetune"][TEACHER] = {**params["finetune"][TEACHER], **GROUPED_TEACHER}
     params["encoders"][CONTEXT] = {**params["encoders"][CONTEXT], **(ctx or {})}
     params["trainer"] = {**params["trainer"], "seeds": seeds}
     heads, table = {}, {}
@@ -97,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--teacher-epochs", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--ctx-pooling", default=None, help="the indi_context store's pooling (default: the recipe's)")
     ap.add_argument("--ctx-layers", default=None, help="its layers: last | all (default: the recipe's)")
+    ap.add_argument("--teacher-grouped", action="store_true",
+                    help="the teacher's batches length-grouped (batch 32), as the README's table was measured")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--keep", help="run in this folder and keep it (a re-run there resumes through dvc)")
     args = ap.parse_args(argv)
@@ -107,7 +114,8 @@ def main(argv=None):
         if not (project / ".dvc").exists():
             make_project(project)
         ctx = {k: v for k, v in (("pooling", args.ctx_pooling), ("layers", args.ctx_layers)) if v}
-        params, table = bench_params([int(s) for s in args.seeds.split(",")], args.teacher_epochs, ctx)
+        params, table = bench_params([int(s) for s in args.seeds.split(",")], args.teacher_epochs, ctx,
+                                     args.teacher_grouped)
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         raw = project / "data/raw/meld"
         raw.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +130,8 @@ def main(argv=None):
         n_seeds = len(params["trainer"]["seeds"])
         teacher_cfg = params["finetune"][TEACHER]
         print(f"\nMELD dev WF1 (x100), {n_seeds} seeds mean ± std; teacher: {teacher_cfg['epochs']} epochs"
-              f"{', group_by_length' if teacher_cfg.get('group_by_length') else ''}; {CONTEXT}: "
+              f"{', group_by_length' if teacher_cfg.get('group_by_length') else ''}"
+              f"{', sorted micro-batches' if teacher_cfg.get('sort_micro_batches') else ''}; {CONTEXT}: "
               f"{params['encoders'][CONTEXT]['pooling']}, layers {params['encoders'][CONTEXT].get('layers', 'last')}; "
               f"{time.perf_counter() - t0:.0f} s in this run\n")
         print(f"| {'model':34s} | {'features':16s} | dev WF1 | vs LR on the same store |")

@@ -143,11 +143,12 @@ class FinetuneBase:
     save_every_steps: NonNegativeInt = 200   # a resumable checkpoint this often (and at each epoch's end); 0: epochs only
     eval_batch_size: PositiveInt = 32
     # batches of similar input length (shuffle, sort by length within mega-batches of 50 batches, shuffle the
-    # batches): 2.6x less CPU per epoch on MELD, but ~1.3 dev WF1 lower after one epoch (README, Benchmarks)
+    # batches): 2.6x less CPU per epoch on MELD, but 1.0-1.4 dev WF1 lower after one epoch (README, Benchmarks)
     group_by_length: bool = False
     # each step's rows (batch_size x grad_accum x processes, drawn as shuffled batches of that size are) sorted
     # by length before they are cut into the step's grad_accum micro-batches: the step sees a shuffled batch,
-    # each micro-batch padded only to its own longest input (README, Benchmarks); needs grad_accum > 1
+    # each micro-batch padded only to its own longest input; 1.94x less CPU per epoch on MELD (4 x 8) at the
+    # shuffle's dev WF1 (README, Benchmarks); needs grad_accum > 1
     sort_micro_batches: bool = False
     procs: PositiveInt = 1   # processes training side by side (torchrun, DistributedDataParallel); run-only
 
