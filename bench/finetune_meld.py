@@ -137,6 +137,17 @@ def run_seed(args, seed: int, modes: list[str]) -> list[dict]:
     return results
 
 
+def die_with_parent() -> None:
+    """A worker process ends when the bench is killed (Linux), instead of training on unseen."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv-dir", default=str(MELD))
@@ -177,7 +188,7 @@ def main():
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=die_with_parent) as pool:
             runs = list(pool.map(run_seed, [args] * len(seeds), seeds, [modes] * len(seeds)))
     else:
         runs = [run_seed(args, seed, modes) for seed in seeds]
