@@ -95,8 +95,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
 MEGA_BATCH = 50   # group_by_length: batches per mega-batch sorted by length (as transformers' LengthGroupedSampler)
 # options added after checkpoints and teacher stores were first written: at these values they are left out
 # of the fingerprints, so an existing checkpoint / store stays valid (resumable, up to date)
-NEUTRAL_ADDITIONS = {"group_by_length": False, "sort_micro_batches": False, "kind": "hf_text", "objective": "ce", "paper_defaults": None,
-                     "alpha": None, "beta": None, "tau_response": None, "tau_feature": None}
+NEUTRAL_ADDITIONS = {"group_by_length": False, "sort_micro_batches": False, "kind": "hf_text", "objective": "ce",
+                     "paper_defaults": None, "alpha": None, "beta": None, "tau_response": None, "tau_feature": None}
 RUN_ONLY = ("procs",)   # how the fine-tune runs, not what it computes (the global batch is in the fingerprint)
 
 

@@ -442,9 +442,15 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str):
     except ValidationError as e:
         problems = validation_problems(e, where, data, _json_schema(model))
         raise ParamsError("\n".join(problems), problems) from None
+    return _build(cls, m, where)
+
+
+def _build(cls, m: BaseModel, where: str):
+    """`cls` from its validated model `m`; options the dataclass refuses together (its __post_init__) are a
+    ParamsError naming `where`."""
     try:
         return cls(**{k: getattr(m, k) for k in m.model_fields_set})
-    except ValueError as e:   # options the dataclass refuses together (its __post_init__)
+    except ValueError as e:
         raise ParamsError(f"{where}: {e}") from None
 
 
@@ -456,9 +462,9 @@ def combination_problem(cls, data: Mapping[str, Any], where: str) -> str | None:
     except ValidationError:
         return None
     try:
-        cls(**{k: getattr(m, k) for k in m.model_fields_set})
-    except ValueError as e:
-        return f"{where}: {e}"
+        _build(cls, m, where)
+    except ParamsError as e:
+        return str(e)
     return None
 
 
