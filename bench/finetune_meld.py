@@ -11,6 +11,7 @@ the rows of a shuffled batch). `--train-utterances N` takes a seeded subset of t
 epoch on 2,000 utterances only learns the majority class: use all of train to compare dev WF1):
 
     python bench/finetune_meld.py --epochs 1 --modes shuffled,grouped:50,micro:4 --seeds 0,1,2 --jobs 3 --threads 1
+    python bench/finetune_meld.py --batch-stats --modes shuffled,grouped:50,micro:4 --seeds 0,1,2   # no training
 
 Per run it prints the epoch's train seconds (dev evaluation apart) in wall time and in process CPU time
 (steadier on a shared machine), steps/s, the share of computed token positions that are padding, and dev WF1;
@@ -71,6 +72,16 @@ def padding_share(tuner: TextFinetuner, epoch: int = 0) -> float:
     batches = tuner.epoch_batches(epoch)
     computed = sum(len(b) * int(tuner.lengths[b].max()) for b in batches)
     return 1.0 - sum(int(tuner.lengths[b].sum()) for b in batches) / computed
+
+
+def step_label_spread(tuner: TextFinetuner, epoch: int = 0) -> float:
+    """Mean total-variation distance between the label mix of each optimizer step's rows and the train split's:
+    how far an arrangement's steps are from a representative sample of the labels."""
+    y, n = tuner.y, len(tuner.labels)
+    prior = np.bincount(y[tuner.rows["train"]], minlength=n) / len(tuner.rows["train"])
+    batches, k = tuner.epoch_batches(epoch), tuner.p.grad_accum
+    steps = [np.concatenate(batches[i:i + k]) for i in range(0, len(batches), k)]
+    return float(np.mean([0.5 * np.abs(np.bincount(y[s], minlength=n) / len(s) - prior).sum() for s in steps]))
 
 
 def frozen_baseline(manifest: Manifest, tmp: str, args) -> tuple[dict, float]:
@@ -162,6 +173,8 @@ def main():
                                                          f"grouped:M (e.g. grouped:{MEGA_BATCH}), micro:K (e.g. micro:4)")
     ap.add_argument("--seeds", default="0", help="comma-separated fine-tune seeds (batch order, dropout, head)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
+    ap.add_argument("--batch-stats", action="store_true", help="no training: per arrangement and seed, the padding "
+                                                                "and the label spread of its steps (epoch 0)")
     ap.add_argument("--skip-frozen", action="store_true", help="no frozen-features baseline")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 keeps timings "
                                                             "steady on a machine shared with other work")
@@ -179,6 +192,20 @@ def main():
           f"all-MiniLM-L6-v2, indi_context K={args.window}, [CLS] feature, batch {args.batch_size}, lr {args.lr}, "
           f"{args.epochs} epoch(s), torch threads {torch.get_num_threads()}, seeds {seeds} in {args.jobs} "
           f"process(es)", flush=True)
+    if args.batch_stats:
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = train_subset(meld_manifest(tmp, args.csv_dir), args.train_utterances)
+            print(f"{'batches':12s} {'seed':>4s} {'padding':>8s} {'step label TV to train prior':>29s}")
+            for seed in seeds:
+                for i, mode in enumerate(modes):
+                    p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls",
+                                       context_window=args.window, max_length=args.max_length, device="cpu",
+                                       seed=seed, **mode_params(mode, args.batch_size))
+                    tuner = TextFinetuner(manifest, p, Path(tmp) / f"ckpt-{seed}-{i}")
+                    if mode.startswith("grouped:"):
+                        tuner.mega_batch = int(mode.split(":")[1])
+                    print(f"{mode:12s} {seed:4d} {padding_share(tuner):8.1%} {step_label_spread(tuner):29.3f}")
+        return
     frozen = None
     if not args.skip_frozen and modes == ["shuffled"] and len(seeds) == 1:
         with tempfile.TemporaryDirectory() as tmp:
