@@ -116,6 +116,18 @@ def mode_params(mode: str, batch_size: int) -> dict:
     raise SystemExit(f"--modes: {mode!r} is not shuffled, grouped:M or micro:K (K > 1 dividing --batch-size)")
 
 
+def tuner_for(cls, manifest: Manifest, args, mode: str, seed: int, ckpt: Path) -> TextFinetuner:
+    """A `cls` fine-tuner of the bench's teacher with the batches of arrangement `mode`."""
+    p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls", context_window=args.window,
+                       max_length=args.max_length, lr=args.lr, warmup_steps=100, epochs=args.epochs, patience=2,
+                       class_weights=args.class_weights, device="cpu", save_every_steps=0, seed=seed,
+                       **mode_params(mode, args.batch_size))
+    tuner = cls(manifest, p, ckpt)
+    if mode.startswith("grouped:"):
+        tuner.mega_batch = int(mode.split(":")[1])
+    return tuner
+
+
 def run_seed(args, seed: int, modes: list[str]) -> list[dict]:
     """Fine-tune once per arrangement in `modes` with `seed`."""
     import torch
@@ -126,14 +138,9 @@ def run_seed(args, seed: int, modes: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = train_subset(meld_manifest(tmp, args.csv_dir), args.train_utterances)
         for i, mode in enumerate(modes):
-            p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls",
-                               context_window=args.window, max_length=args.max_length, lr=args.lr,
-                               warmup_steps=100, epochs=args.epochs, patience=2, class_weights=args.class_weights,
-                               device="cpu", save_every_steps=0, seed=seed, **mode_params(mode, args.batch_size))
             t0 = time.perf_counter()
-            tuner = TimedFinetuner(manifest, p, Path(tmp) / f"ckpt-{seed}-{i}")
-            if mode.startswith("grouped:"):
-                tuner.mega_batch = int(mode.split(":")[1])
+            tuner = tuner_for(TimedFinetuner, manifest, args, mode, seed, Path(tmp) / f"ckpt-{seed}-{i}")
+            p = tuner.p
             pad = padding_share(tuner)
             cpu0 = time.process_time()
             state = tuner.train(log=lambda line: print(f"  [seed {seed}, {mode}] {line}", flush=True))
@@ -198,12 +205,7 @@ def main():
             print(f"{'batches':12s} {'seed':>4s} {'padding':>8s} {'step label TV to train prior':>29s}")
             for seed in seeds:
                 for i, mode in enumerate(modes):
-                    p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls",
-                                       context_window=args.window, max_length=args.max_length, device="cpu",
-                                       seed=seed, **mode_params(mode, args.batch_size))
-                    tuner = TextFinetuner(manifest, p, Path(tmp) / f"ckpt-{seed}-{i}")
-                    if mode.startswith("grouped:"):
-                        tuner.mega_batch = int(mode.split(":")[1])
+                    tuner = tuner_for(TextFinetuner, manifest, args, mode, seed, Path(tmp) / f"ckpt-{seed}-{i}")
                     print(f"{mode:12s} {seed:4d} {padding_share(tuner):8.1%} {step_label_spread(tuner):29.3f}")
         return
     frozen = None

@@ -111,17 +111,23 @@ def run_identity(p: FinetuneBase, world: int) -> dict:
     return {**params_identity(p), "batch_size": p.batch_size * world}
 
 
+def sorted_within(rows: np.ndarray, lengths: np.ndarray, group: int, batch_size: int) -> list[np.ndarray]:
+    """`rows` cut into consecutive groups of `group` rows, each sorted by `lengths[row]` (longest first) and
+    cut into batches of `batch_size`, in order."""
+    batches = []
+    for s in range(0, len(rows), group):
+        chunk = rows[s:s + group]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return batches
+
+
 def length_grouped_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int,
                            rng: np.random.Generator, mega_batch: int = MEGA_BATCH) -> list[np.ndarray]:
     """Batches of `rows` (already shuffled) of similar `lengths[row]`: each mega-batch of `mega_batch`
     batches is sorted by length, longest first, and cut into batches; the batches are shuffled, and the
     one with the longest input goes first (a batch too big for memory fails at once, not hours later)."""
-    mega = mega_batch * batch_size
-    batches = []
-    for s in range(0, len(rows), mega):
-        group = rows[s:s + mega]
-        group = group[np.argsort(-lengths[group], kind="stable")]
-        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+    batches = sorted_within(rows, lengths, mega_batch * batch_size, batch_size)
     batches = [batches[i] for i in rng.permutation(len(batches))]
     if batches:
         first = int(np.argmax([lengths[b].max() for b in batches]))
@@ -134,12 +140,7 @@ def length_sorted_micro_batches(rows: np.ndarray, lengths: np.ndarray, batch_siz
     """`rows` (already shuffled) cut into steps of batch_size x grad_accum rows, as shuffled batches of that size
     are cut; each step's rows sorted by `lengths[row]`, longest first, and cut into its micro-batches of
     batch_size. A step computes the gradient of the rows a shuffled batch holds, with less padding."""
-    step, batches = batch_size * grad_accum, []
-    for s in range(0, len(rows), step):
-        group = rows[s:s + step]
-        group = group[np.argsort(-lengths[group], kind="stable")]
-        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
-    return batches
+    return sorted_within(rows, lengths, batch_size * grad_accum, batch_size)
 
 
 @contextmanager

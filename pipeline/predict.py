@@ -128,7 +128,7 @@ class Model:
         encoders = {m: self.encoder(m, r, manifest) for m, r in recipes.items() if m not in students}
         problems: list[dict] = []
         media_path = None
-        media = [m for m, r in recipes.items() if r.get("modality") in ("audio", "visual")]
+        media = self.media_modalities
         if media:
             from pipeline.media import decode_dataset
             from pipeline.params import DecodeParams, from_dict
@@ -242,8 +242,13 @@ class Model:
         return predict(self.head, data, "test", batch_dialogues, self.device)
 
     @property
+    def media_modalities(self) -> list[str]:
+        """The head's modalities whose stores an encoder computes from decoded media."""
+        return [m for m in self.head.modalities if self.meta["features"][m].get("modality") in ("audio", "visual")]
+
+    @property
     def needs_media(self) -> bool:
-        return any(self.meta["features"][m].get("modality") in ("audio", "visual") for m in self.head.modalities)
+        return bool(self.media_modalities)
 
     def predict(self, table: str | Path | pd.DataFrame, media_root: str | Path | None = None,
                 allow_outside_root: bool = False) -> pd.DataFrame:
