@@ -7,7 +7,7 @@ autocast on CUDA, chunked HDF5 writes); on the CPU it runs twice, in float32 and
 lowest cosine similarity over the utterances. Models are random-init at real size (bert-base, roberta-base,
 wavlm-base-plus, data2vec-audio-base, timesformer-base) or tiny, built from configs: no download.
 openSMILE eGeMAPS (no model) compares one process against the pipeline's worker processes (one per core).
-Text is the first MELD train utterances, in their dialogues (../shared/data/meld); audio is noise with
+Text is the first MELD train utterances, in their dialogues (bench/meld_csvs.py); audio is noise with
 MELD-like durations (1-8 s).
 
     python bench/extract.py --size real                   # CPU: 480 text, 48 audio/video utterances
@@ -36,8 +36,9 @@ from pipeline.media import decode_dataset  # noqa: E402
 from pipeline.params import DecodeParams  # noqa: E402
 from pipeline.store import FeatureStore, MediaStore  # noqa: E402
 from pipeline.datasets.sample import write_mp4  # noqa: E402
+from meld_csvs import MELD as MELD_CSVS  # noqa: E402
 
-MELD = Path(__file__).resolve().parents[2] / "shared/data/meld/train_sent_emo.csv"
+MELD = MELD_CSVS / "train_sent_emo.csv"
 
 
 def build_models(root: Path, size: str) -> dict[str, str]:
@@ -71,7 +72,7 @@ def build_models(root: Path, size: str) -> dict[str, str]:
 
 
 def text_manifest(n: int) -> Manifest:
-    """The first `n` MELD train utterances in their dialogues (or made-up sentences without ../shared)."""
+    """The first `n` MELD train utterances in their dialogues (or made-up sentences without MELD's CSVs)."""
     rng = np.random.default_rng(0)
     if MELD.exists():
         df = pd.read_csv(MELD).head(n)

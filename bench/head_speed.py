@@ -33,7 +33,7 @@ from heads.data import CachedDialogues  # noqa: E402
 from heads.trainer import train_head  # noqa: E402
 from pipeline.manifest import Manifest, ManifestMeta  # noqa: E402
 from pipeline.params import TrainerParams  # noqa: E402
-from pipeline.store import STR  # noqa: E402
+from pipeline.store import STR, seal  # noqa: E402
 
 CONFIGS = {
     "paper": {"late_fusion": {"hidden": 768},
@@ -64,6 +64,7 @@ def meld_size_data(root: Path, dims: dict[str, int], n_dialogues: int = 1432, se
             f.create_dataset("pooled", data=rng.standard_normal((len(m), d), dtype=np.float32))
             f.create_dataset("valid", data=np.ones(len(m), bool))
             f.attrs.update(rows=len(m), fingerprint=f"bench-{mod}", code_version="bench")  # what H5Store checks
+            seal(f)   # and the checksums it verifies
         stores[mod] = str(path)
     return CachedDialogues(m, stores)
 

@@ -8,7 +8,7 @@ per head and store, the teacher's own dev WF1 (its classifier, from the store's 
 MELD's test split is never read (the repository has no test CSV; selection is on dev).
 
     python bench/meld_recipe.py                       # ~1.5 h on 2 CPU cores (the teacher's fine-tuning most of it)
-    python bench/meld_recipe.py --ctx-pooling mean --ctx-layers last --teacher-grouped   # the README's table
+    python bench/meld_recipe.py --ctx-pooling mean --ctx-layers last --teacher-grouped   # docs/benchmarks.md's table
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def bench_params(seeds: list[int], teacher_epochs: int | None = None, ctx: dict 
     params = apply_recipe("meld-text-cpu", yaml.safe_load((REPO / "params.yaml").read_text()))
     if teacher_epochs:
         params["finetune"][TEACHER] = {**params["finetune"][TEACHER], "epochs": teacher_epochs}
-    if teacher_grouped:   # the teacher's batches as the README's table was measured (length-grouped)
+    if teacher_grouped:   # the teacher's batches as docs/benchmarks.md's table was measured (length-grouped)
         params["finetune"][TEACHER] = {**params["finetune"][TEACHER], **GROUPED_TEACHER}
     params["encoders"][CONTEXT] = {**params["encoders"][CONTEXT], **(ctx or {})}
     params["trainer"] = {**params["trainer"], "seeds": seeds}
@@ -103,7 +103,7 @@ def main(argv=None):
     ap.add_argument("--ctx-pooling", default=None, help="the indi_context store's pooling (default: the recipe's)")
     ap.add_argument("--ctx-layers", default=None, help="its layers: last | all (default: the recipe's)")
     ap.add_argument("--teacher-grouped", action="store_true",
-                    help="the teacher's batches length-grouped (batch 32), as the README's table was measured")
+                    help="the teacher's batches length-grouped (batch 32), as docs/benchmarks.md's table was measured")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--keep", help="run in this folder and keep it (a re-run there resumes through dvc)")
     args = ap.parse_args(argv)

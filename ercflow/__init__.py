@@ -8,7 +8,7 @@ __all__ = ["Model", "__version__", "load_model"]
 def __getattr__(name: str):
     # lazy: `import ercflow.check` (every train stage does) must not load the predict machinery
     if name in ("Model", "load_model"):
-        from pipeline import predict
+        from ercflow import model
 
-        return getattr(predict, name)
+        return getattr(model, name)
     raise AttributeError(f"module 'ercflow' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """`ercflow check`: validate params.yaml up front, every problem at once, one line each.
 
-The schema and the cross-references live in `pipeline/params.py`; this module adds what pipeline/ cannot
+The schema and the cross-references live in `pipeline/params/`; this module adds what pipeline/ cannot
 see (it does not import heads/): each head's `options`, checked against a model derived from the head
 class's `__init__` signature (names, annotated types, defaults; `paper_defaults` must name a key of the
 class's `PAPER_DEFAULTS`). Every stage loads its params through `load_checked_params`, so a mistake stops
@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from pipeline.params import (PARAMS_FILE, Params, ParamsError, ParamsFileError, params_json_schema, read_params_file,
-                             validate_params)
+from pipeline.params import (PARAMS_FILE, Params, ParamsFileError, load_params, params_json_schema,
+                             validate_params_file)
 
 HEAD_ARGS = ("self", "dims", "n_out", "task")   # what build_head passes itself; not options
 POSITIVE = ("hidden", "d_model", "d_proj", "queue_size")
@@ -46,7 +46,7 @@ def options_model(name: str, cls: type) -> type[BaseModel]:
     """The options of head `name` (class `cls`) as a pydantic model: one field per `__init__` parameter."""
     sig = inspect.signature(cls.__init__)
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)   # keep Field(gt=0) etc.
     except Exception:   # an annotation that does not resolve: fall back to the defaults' types
         hints = {}
     fields: dict[str, Any] = {}
@@ -75,6 +75,9 @@ def options_model(name: str, cls: type) -> type[BaseModel]:
                    if _is_heads(k) and isinstance(v, int) and v > 0 and d % v]
             if bad:
                 raise ValueError(f"d_model ({d}) is not divisible by {', '.join(bad)}")
+        head_check = getattr(cls, "check_options", None)   # a head's own rule over its resolved options
+        if head_check is not None:
+            head_check(values)
         return model
 
     return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra=extra),
@@ -93,18 +96,12 @@ def head_options() -> dict[str, type[BaseModel]]:
 def check_params(path: str | Path = PARAMS_FILE) -> list[str]:
     """Every problem of the params file at `path`, one line each, starting with its params path ([] = good).
     A missing or unreadable file, or one that is not YAML, raises `ParamsFileError`."""
-    raw, duplicates = read_params_file(path)
-    return duplicates + validate_params(raw, head_options())[1]
+    return validate_params_file(path, head_options())[1]
 
 
 def load_checked_params(path: str | Path = PARAMS_FILE) -> Params:
     """The params of `path`, checked in full (head options included); one `ParamsError` lists every problem."""
-    raw, duplicates = read_params_file(path)
-    params, problems = validate_params(raw, head_options())
-    problems = duplicates + problems
-    if problems:
-        raise ParamsError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(problems), problems)
-    return params
+    return load_params(path, head_options())
 
 
 def params_schema() -> dict:
@@ -125,12 +122,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """0: no problem; 1: problems (printed one per line); 2: the file is missing or not YAML."""
     try:
-        raw, duplicates = read_params_file(args.params)
+        params, problems = validate_params_file(args.params, head_options())
     except ParamsFileError as e:
         print(f"ercflow check: {e}", file=sys.stderr)
         return 2
-    params, problems = validate_params(raw, head_options())
-    problems = duplicates + problems
     for p in problems:
         print(p)
     if problems:

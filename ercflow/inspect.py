@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline import paths
 from pipeline.inspect import (ERROR, FRESH, NOT_IN_PARAMS, PARTIAL, STALE, UNKNOWN, Inspector, StoreReport,
                               Unreadable, default_stores, find_stores)
 
@@ -28,19 +29,19 @@ RIGHT = {"dim", "rows", "valid", "problems"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="*", metavar="PATH",
-                        help="a store (.h5), a media store (data/media/<dataset>.h5) or a folder of stores "
-                             "(default: every store under data/)")
+                        help=f"a store (.h5), a media store ({paths.media('<dataset>')}) or a folder of stores "
+                             f"(default: every store under {paths.DATA}/)")
     parser.add_argument("--problems", action="store_true",
                         help="also list each store's masked (or trimmed) utterances with the reason")
     parser.add_argument("--json", action="store_true", help="machine-readable output (one object, on stdout)")
     parser.add_argument("--params", default=None, metavar="FILE",
-                        help="the params file staleness is judged against (default: params.yaml, when present)")
+                        help=f"the params file staleness is judged against (default: {paths.PARAMS}, when present)")
 
 
 def run(args) -> int:
     rc = 0
     params, params_error = None, None
-    params_path = args.params or "params.yaml"
+    params_path = args.params or paths.PARAMS
     if args.params and not Path(args.params).exists():
         log.error("%s: no such params file", args.params)
         rc, params_error = 2, f"{args.params}: no such params file"
@@ -63,16 +64,16 @@ def run(args) -> int:
                 log.error("%s", e)
                 rc = 2
     else:
-        stores = default_stores("data")
+        stores = default_stores(paths.DATA)
         if not stores:
-            log.warning("no stores under data/ (run `dvc repro`, or give a PATH)")
+            log.warning("no stores under %s/ (run `dvc repro`, or give a PATH)", paths.DATA)
     stores = list(dict.fromkeys(stores))
 
     inspector = Inspector(params, params_error)
     reports: list[StoreReport] = []
     for s in stores:
         try:
-            reports.append(inspector.inspect(s))
+            reports.append(inspect_bundle(s) if s.suffix == ".safetensors" else inspector.inspect(s))
         except Unreadable as e:
             log.error("%s", e)
             reports.append(StoreReport(str(s), ERROR, [str(e)]))
@@ -84,6 +85,21 @@ def run(args) -> int:
     else:
         print(render(reports, with_problems=args.problems, params_error=params_error))
     return rc
+
+
+def inspect_bundle(path: Path) -> StoreReport:
+    """A model bundle (`models/<dataset>/<head>.safetensors`): its head and modalities, loaded and verified
+    against its tensors' checksum (heads/bundle.py); a damaged or foreign one is an `error` row."""
+    from heads.bundle import BundleError, load_head
+
+    try:
+        _, meta = load_head(path)
+    except BundleError as e:
+        msg = str(e)
+        return StoreReport(str(path), ERROR, [msg[len(f"{path}: "):] if msg.startswith(f"{path}: ") else msg])
+    return StoreReport(str(path), UNKNOWN, kind="bundle", encoder=meta.get("head"), dataset=meta.get("dataset"),
+                       weights="+".join(meta.get("modalities") or []), dim=int(meta["n_out"]),
+                       details={"task": meta.get("task"), "labels": meta.get("labels")})
 
 
 # -- plain-text rendering ----------------------------------------------------------------------------
@@ -112,10 +128,16 @@ def render(reports: list[StoreReport], with_problems: bool = False, params_error
 def row(r: StoreReport) -> dict[str, str]:
     valid = "-" if r.valid is None else f"{100 * r.valid:.1f}%"
     return {"store": _rel(r.path), "encoder": r.encoder or "-", "kind": r.kind or "-",
-            "weights": _clip(r.weights or "-", 36), "hash": (r.weights_hash or "-")[:8],
+            "weights": _clip(r.weights or "-", 36), "hash": _hashes(r),
             "dim": "-" if r.dim is None else str(r.dim), "rows": "-" if r.rows is None else str(r.rows),
             "valid": valid, "compute": r.compute or "-", "stale": STALE_WORD.get(r.status, r.status),
             "problems": "-" if r.status in (ERROR, PARTIAL) else str(len(r.problems))}
+
+
+def _hashes(r: StoreReport) -> str:
+    """The weights' hash; for a LoRA fine-tune's store the adapter's checkpoint and its base: `adapter+base`."""
+    own = (r.weights_hash or "-")[:8]
+    return f"{own}+{(r.details.get('base_weights_hash') or '-')[:8]}" if r.details.get("adapter") else own
 
 
 def table(rows: list[dict[str, str]], columns, right=()) -> list[str]:

@@ -1,4 +1,4 @@
-"""`ercflow predict`: a trained model bundle on new conversations.
+"""`ercflow predict`: a trained model bundle on new conversations (the command; the library is ercflow/model.py).
 
 The input is a transcript table (CSV, TSV or JSONL) with dialogue_id, turn, speaker, text and, for a model
 that uses audio or video, `video`/`audio` paths relative to --media-root (optional start/end seconds when one
@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipeline import UserError
+from pipeline import UserError, paths
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="a model bundle: models/<dataset>/<head>.safetensors")
+    parser.add_argument("--model", required=True, help=f"a model bundle: {paths.bundle('<dataset>', '<head>')}")
     parser.add_argument("--input", required=True, help="the conversations: .csv, .tsv or .jsonl")
     parser.add_argument("--media-root", default=None, help="the folder the table's video/audio paths are relative to")
     parser.add_argument("--out", default="-", help="output CSV (default: standard output)")
@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.predict import load_model
+    from ercflow.model import load_model
     from pipeline.store import atomic_write_text
 
     try:

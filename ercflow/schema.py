@@ -1,4 +1,4 @@
-"""`ercflow schema`: write the JSON Schema of params.yaml (pipeline/params.py's models, head options
+"""`ercflow schema`: write the JSON Schema of params.yaml (pipeline/params/schema.py's model, head options
 included). The repository keeps it as params.schema.json, for editors (yaml-language-server) and review."""
 from __future__ import annotations
 

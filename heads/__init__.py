@@ -18,16 +18,11 @@ from torch.nn import functional as F
 
 from heads.data import IGNORE, DialogueBatch
 from heads.layers import LayerMix
+from pipeline.registry import Registry
 
-HEADS: dict[str, type["ERCHead"]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        HEADS[name] = cls
-        cls.registry_name = name
-        return cls
-    return deco
+# head name -> class, filled by `@register(name)` in each head's file (heads/registry.py imports them all)
+HEADS: Registry[type["ERCHead"]] = Registry("head")
+register = HEADS.register
 
 
 CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse")
@@ -86,6 +81,13 @@ class ERCHead(nn.Module):
         self.mixers = nn.ModuleDict({m: LayerMix(n) for m, (n, _) in shapes.items() if n is not None})
         self.register_buffer("ce_weight", None, persistent=False)
         self.focal_gamma = 0.0
+
+    @classmethod
+    def normalization(cls, modalities, normalize: dict | None = None, **_) -> dict[str, bool]:
+        """Per input modality: standardise it with the train split's statistics (True) or feed it raw. Every
+        head's `normalize` option (modality -> standard | none) decides; unnamed modalities are standardised
+        unless the head's class says otherwise (TelME: its teacher raw). heads/data.py applies it."""
+        return {m: (normalize or {}).get(m, "standard") == "standard" for m in modalities}
 
     def mix(self, batch: DialogueBatch) -> DialogueBatch:
         """The batch with each layered modality's features [B, L, n_layers, D] mixed to [B, L, D] (the same

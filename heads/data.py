@@ -1,8 +1,9 @@
 """Dialogue batches from cached feature stores (the input contract every head shares).
 
 A batch holds B dialogues padded to the longest, L turns:
-- `features[m]` [B, L, D_m] float per modality, standardised with train-split statistics, zeros where the
-  utterance is padding or its input was masked; `valid[m]` [B, L] bool says which; a modality whose store
+- `features[m]` [B, L, D_m] float per modality, standardised with train-split statistics or raw (as the head
+  asks: its `normalize` option, `heads.registry.input_normalization`), zeros where the utterance is padding or
+  its input was masked; `valid[m]` [B, L] bool says which; a modality whose store
   kept several encoder layers is [B, L, n_layers, D_m], each layer standardised on its own (the head's
   LayerMix, heads/layers.py, then weighs layers of comparable scale);
 - `mask` [B, L] bool (real utterances), `speakers` [B, L] long (per-dialogue ids), `rows` [B, L] manifest
@@ -12,6 +13,7 @@ A batch holds B dialogues padded to the longest, L turns:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,10 +53,12 @@ class CachedDialogues:
 
     Features are standardised per dimension (per layer and dimension for a [N, L, D] store) with the train
     split's valid rows (`stats[m]` = (mean, std), each [D] or [L, D]), or with given `stats` — a trained
-    model's own, so that new data is scaled exactly as its training data was. `layers[m]`: the hidden-state
-    indices of a several-layer store."""
+    model's own, so that new data is scaled exactly as its training data was. `normalize` is one choice for
+    every modality or one per modality (modality -> bool; a head's choice, `heads.registry.input_normalization`);
+    with `stats`, a modality absent from them is left raw, as the model was trained. `stats` holds the
+    standardised modalities only. `layers[m]`: the hidden-state indices of a several-layer store."""
 
-    def __init__(self, manifest: Manifest, stores: dict[str, str], normalize: bool = True,
+    def __init__(self, manifest: Manifest, stores: dict[str, str], normalize: bool | Mapping[str, bool] = True,
                  stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         self.manifest = manifest
         self.modalities = list(stores)
@@ -77,7 +81,8 @@ class CachedDialogues:
             if bad.any():  # a NaN feature would poison every gradient: mask the utterance instead
                 ok &= ~bad
                 x[bad] = 0.0
-            if normalize:
+            if (normalize.get(m, True) if isinstance(normalize, Mapping) else normalize) and \
+                    (stats is None or m in stats):
                 if stats is not None:
                     mean, std = (np.asarray(a, np.float32) for a in stats[m])
                 else:
@@ -88,6 +93,8 @@ class CachedDialogues:
                                      f"was trained on {list(mean.shape)} ones for {m} ([D], or [layers, D])")
                 self.stats[m] = (mean, std)
                 x = np.where(ok.reshape(-1, *[1] * (x.ndim - 1)), (x - mean) / std, 0.0).astype(np.float32)
+            else:   # raw, but a masked input is still zeros
+                x = np.where(ok.reshape(-1, *[1] * (x.ndim - 1)), x, 0.0).astype(np.float32)
             self.features[m], self.valid[m] = x, ok
             if logits is not None:
                 self.extra[f"{m}_logits"] = logits.astype(np.float32)

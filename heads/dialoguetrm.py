@@ -1,4 +1,4 @@
-"""DialogueTRM (Mao et al., 2021, dialoguetrm.md §4) on cached utterance features.
+"""DialogueTRM (Mao et al., 2021, arXiv:2010.07637 §4; docs/papers.md) on cached utterance features.
 
 Intra-modal emotion dynamics (§4.1): one Transformer per modality over the dialogue, its attention mask
 chosen per modality — context-dependent (conv-context window K, eq. 2-3) or context-free (eq. 4-6).
@@ -13,6 +13,10 @@ are left out of the attention (a GATE with one masked side passes the other side
 Ablations (Tables 4-5) are options: `context` per modality, `fusion` = mgif | no_gate (w/o prototype
 dependency) | no_transformer (w/o representation dependency: concat of the gated vectors) | additive |
 concat | max.
+
+The paper's Transformers are "PyTorch defaults" (§5.2): feed-forward width 2048 at d_model 768. `feedforward`
+sets it; unset, it keeps the paper's ratio, 8/3 * d_model (2048 at 768, 171 at the demo's 64) rather than
+PyTorch's fixed 2048, which would be 32 times a 64-d model.
 """
 from __future__ import annotations
 
@@ -24,8 +28,14 @@ from torch import nn
 
 from heads import ERCHead, register
 from heads.data import DialogueBatch
+from pipeline.vocab import Modality, PositiveInt
 
 FUSIONS = ("mgif", "no_gate", "no_transformer", "additive", "concat", "max")
+
+
+def paper_feedforward(d_model: int) -> int:
+    """PyTorch's default feed-forward width (2048) at the paper's d_model 768, in proportion elsewhere."""
+    return max(1, round(2048 * d_model / 768))
 
 
 def conv_context_mask(length: int, window: int, device=None) -> torch.Tensor:
@@ -46,13 +56,14 @@ def context_free_mask(length: int, device=None) -> torch.Tensor:
 class IntraModalTransformer(nn.Module):
     """Eq. 2 / 4 / 5: r_i = Transformer(F, rho_i), after projecting the features to d_model."""
 
-    def __init__(self, d_in: int, d_model: int, layers: int, heads: int, dropout: float, context: str, window: int):
+    def __init__(self, d_in: int, d_model: int, layers: int, heads: int, dropout: float, context: str, window: int,
+                 feedforward: int):
         super().__init__()
         if context not in ("dependent", "free"):
             raise ValueError(f"DialogueTRM context must be 'dependent' or 'free', not {context!r}")
         self.context, self.window = context, window
         self.proj = nn.Linear(d_in, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d_model, heads, feedforward, dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -94,7 +105,7 @@ class MGIF(nn.Module):
     `transformer=False` is w/o representation dependency (o_i = concatenation of the gated vectors)."""
 
     def __init__(self, modalities: list[str], d: int, layers: int, heads: int, dropout: float,
-                 gate: bool = True, transformer: bool = True):
+                 gate: bool = True, transformer: bool = True, feedforward: int | None = None):
         super().__init__()
         self.pairs = list(combinations(modalities, 2))
         self.gate, self.transformer = gate, transformer
@@ -103,7 +114,8 @@ class MGIF(nn.Module):
         self.out_dim = d if transformer else n_tokens * d
         if transformer:
             self.cls = nn.Parameter(torch.randn(d) * 0.02)
-            layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout, batch_first=True)
+            layer = nn.TransformerEncoderLayer(d, heads, feedforward or paper_feedforward(d), dropout,
+                                               batch_first=True)
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def tokens(self, reps: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]
@@ -141,23 +153,30 @@ class Discriminator(nn.Module):
 
 @register("dialoguetrm")
 class DialogueTRM(ERCHead):
-    """Paper sizes: d_model 768, intra 6 layers x 12 heads, inter 4 layers x 8 heads (§5.2)."""
+    """Paper sizes: d_model 768, intra 6 layers x 12 heads, inter 4 layers x 8 heads, feed-forward 2048 (§5.2).
+
+    `context`: modality -> dependent | free (default: text dependent, audio and visual free, §4.1); `feedforward`:
+    the Transformers' feed-forward width (default `paper_feedforward(d_model)`); `normalize`: see
+    `ERCHead.normalization`."""
 
     def __init__(self, dims, n_out, task, d_model: int = 768, intra_layers: int = 6, intra_heads: int = 12,
                  inter_layers: int = 4, inter_heads: int = 8, window: int = 14, dropout: float = 0.1,
-                 context: dict | None = None,
-                 fusion: Literal["mgif", "no_gate", "no_transformer", "additive", "concat", "max"] = "mgif"):
+                 context: dict[Modality, Literal["dependent", "free"]] | None = None,
+                 fusion: Literal["mgif", "no_gate", "no_transformer", "additive", "concat", "max"] = "mgif",
+                 feedforward: PositiveInt | None = None,
+                 normalize: dict[Modality, Literal["standard", "none"]] | None = None):
         super().__init__(dims, n_out, task)
         if fusion not in FUSIONS:
             raise ValueError(f"DialogueTRM fusion must be one of {FUSIONS}, not {fusion!r}")
         context = {"text": "dependent", "audio": "free", "visual": "free", **(context or {})}
         self.fusion = fusion
+        ff = feedforward or paper_feedforward(d_model)
         self.intra = nn.ModuleDict({m: IntraModalTransformer(d, d_model, intra_layers, intra_heads, dropout,
-                                                             context[m], window) for m, d in self.dims.items()})
+                                                             context[m], window, ff) for m, d in self.dims.items()})
         fused_dim = d_model
         if len(dims) > 1 and fusion.startswith(("mgif", "no_")):
             self.mgif = MGIF(self.modalities, d_model, inter_layers, inter_heads, dropout,
-                             gate=fusion != "no_gate", transformer=fusion != "no_transformer")
+                             gate=fusion != "no_gate", transformer=fusion != "no_transformer", feedforward=ff)
             fused_dim = self.mgif.out_dim
         elif fusion == "concat":
             fused_dim = d_model * len(dims)

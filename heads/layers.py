@@ -1,7 +1,7 @@
 """A learned weighted sum of an encoder's hidden layers, in front of a head (SUPERB, Yang et al., 2021,
 arXiv:2105.01051, §3; ELMo, Peters et al., 2018, arXiv:1802.05365, eq. 1).
 
-A store that kept several hidden layers gives a modality's features as [..., L, D] (pipeline/store.py);
+A store that kept several hidden layers gives a modality's features as [..., L, D] (pipeline/store/);
 `LayerMix` turns them into [..., D] = gamma * sum_l softmax(w)_l x_l. The weights start equal (w = 0), so an
 untrained mix is the mean of the layers; gamma (ELMo's scale, optional; SUPERB has none) starts at 1. Each
 layer is standardised with the train split's statistics before the mix (heads/data.py), so the weights compare

@@ -1,4 +1,4 @@
-"""MaTAV (matav.md §II) on cached features: TAV-alignment with the MEC loss, cross-attention fusion over
+"""MaTAV (arXiv:2409.05243 §II) on cached features: TAV-alignment with the MEC loss, cross-attention fusion over
 [t || a || v], a Mamba network over the dialogue, softmax classifier.
 
 - Alignment (§II-C, eq. 1-5): projection heads g_m map each modality to normalised 256-d vectors; momentum
@@ -12,13 +12,21 @@
 - Fusion (§II-D, eq. 6-7): "the aligned features" are fused: the tokens are g_m(x_m), the very projections
   MEC trains, scaled by sqrt(d_proj) and mapped to d_model by one linear map shared by all modalities. The
   3-token sequence goes through six self-attention layers; their outputs are merged, f = W_F [t || a || v],
-  then z = FC(f). A masked modality is neither attended to nor part of f.
+  then z = FC(f). A masked modality is neither attended to nor part of f. `fusion_block` says what a layer is:
+  `attention` is eq. 6-7 as printed (Q, K, V = W_Q/W_K/W_V [t||a||v], softmax(QK^T / sqrt(d_k)) V and the
+  heads' output map, nothing else); `transformer` (default) a full `nn.TransformerEncoderLayer` (that attention
+  plus residual connections, LayerNorms and a feed-forward block). The default is the reading that trains:
+  six bare attention layers stacked lose rank doubly exponentially with depth (Dong et al., 2021,
+  arXiv:2103.03404: pure attention collapses every token towards one vector), which the residuals and the
+  feed-forward block of the standard layer prevent; the paper names no such parts, and has no public code of
+  its own to settle it.
 - Context: Mamba blocks over the dialogue's z_1..z_n (causal; `heads.mamba.MambaStack`), then eq. 8.
 - Loss: CE + mec_weight * L_MEC (0.3). Ablations: `mamba: false` (w/o Mamba), `mec_weight: 0` (w/o MEC).
 """
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,6 +35,7 @@ from torch.nn import functional as F
 from heads import ERCHead, register
 from heads.data import DialogueBatch
 from heads.mamba import MambaStack
+from pipeline.vocab import Modality
 
 PAIRS = (("text", "audio"), ("audio", "visual"), ("text", "visual"))   # (T, A'), (A, V'), (T, V')
 
@@ -112,12 +121,32 @@ class TAVAlignment(nn.Module):
         return sum(terms) if terms else None
 
 
+class AttentionStack(nn.Module):
+    """Eq. 6-7 as printed, `layers` times: x <- MultiHeadAttention(x, x, x) over the modality tokens, no
+    residual, norm or feed-forward. `forward(x, src_key_padding_mask=...)` as nn.TransformerEncoder's."""
+
+    def __init__(self, d_model: int, heads: int, layers: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
+                                    for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for attention in self.layers:
+            x = attention(x, x, x, key_padding_mask=src_key_padding_mask, need_weights=False)[0]
+        return x
+
+
 @register("matav")
 class MaTAV(ERCHead):
+    """Paper sizes: 256-d alignment, six cross-attention layers, MEC weight 0.3 (§II, §III). `fusion_block`:
+    transformer (default) | attention (eq. 6-7 literally); `normalize`: see `ERCHead.normalization`."""
+
     def __init__(self, dims, n_out, task, d_model: int = 256, d_proj: int = 256, attention_layers: int = 6,
                  heads: int = 4, mamba_layers: int = 1, state_size: int = 16, dropout: float = 0.1,
                  queue_size: int = 4096, momentum: float = 0.995, temperature: float = 1.0, mec_weight: float = 0.3,
-                 mec_symmetric: bool = False, mamba: bool = True):
+                 mec_symmetric: bool = False, mamba: bool = True,
+                 fusion_block: Literal["transformer", "attention"] = "transformer",
+                 normalize: dict[Modality, Literal["standard", "none"]] | None = None):
         super().__init__(dims, n_out, task)
         self.mec_weight = mec_weight
         self.align = TAVAlignment(self.dims, d_proj, queue_size, momentum, temperature, mec_symmetric)
@@ -125,8 +154,13 @@ class MaTAV(ERCHead):
         # MEC pulls together stays together in the tokens the cross-attention reads
         self.to_model = nn.Linear(d_proj, d_model)
         self.token_scale = d_proj ** 0.5   # unit-norm g_m(x) -> coordinates of unit scale
-        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout, batch_first=True)
-        self.cross_attention = nn.TransformerEncoder(layer, attention_layers, enable_nested_tensor=False)  # eq. 6-7
+        if fusion_block not in ("transformer", "attention"):
+            raise ValueError(f"MaTAV fusion_block: transformer | attention, not {fusion_block!r}")
+        if fusion_block == "transformer":
+            layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout, batch_first=True)
+            self.cross_attention = nn.TransformerEncoder(layer, attention_layers, enable_nested_tensor=False)
+        else:
+            self.cross_attention = AttentionStack(d_model, heads, attention_layers, dropout)   # eq. 6-7
         self.merge = nn.Linear(d_model * len(dims), d_model)           # f = W_F [t || a || v]
         self.fc = nn.Linear(d_model, d_model)                          # z_i = FC(f_i)
         self.mamba = MambaStack(d_model, mamba_layers, state_size) if mamba else None

@@ -70,7 +70,7 @@ def selection_score(head: ERCHead, metrics: dict) -> float:
 def cpu_threads(n: int, device: torch.device):
     """torch's intra-op threads set to `n` while a head trains on the CPU, restored after (0, or a GPU: left
     as they are). A head's ops are small: a second thread buys 1.4-1.6x on an idle 2-core machine, but on a
-    busy one every parallel op waits for a core and one thread is 1.5-4.6x faster (README, Benchmarks)."""
+    busy one every parallel op waits for a core and one thread is 1.5-4.6x faster (docs/benchmarks.md)."""
     if not n or device.type != "cpu":
         yield
         return

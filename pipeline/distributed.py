@@ -28,6 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from pipeline import UserError
+from pipeline.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def join_group(r: Ranks) -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=t))
     except Exception as e:   # noqa: BLE001  (torch raises RuntimeError / DistStoreError / TimeoutError ...)
         raise DistributedError(f"{r}: the {r.world} ranks did not all join the process group within {t:g} s "
-                               f"({_first_line(e)}); a rank failed or hangs before it (see its lines above), or "
+                               f"({first_line(e)}); a rank failed or hangs before it (see its lines above), or "
                                f"raise ${TIMEOUT_ENV}") from e
     atexit.register(_leave_group)
 
@@ -124,7 +125,7 @@ def barrier(r: Ranks, what: str) -> None:
     try:
         dist.monitored_barrier(timeout=timedelta(seconds=t), wait_all_ranks=True)
     except RuntimeError as e:
-        raise DistributedError(f"{r}: {what}: not every rank arrived within {t:g} s ({_first_line(e)}); "
+        raise DistributedError(f"{r}: {what}: not every rank arrived within {t:g} s ({first_line(e)}); "
                                f"a rank failed or hangs (see its lines above), or raise ${TIMEOUT_ENV}") from e
 
 
@@ -138,7 +139,7 @@ def broadcast(r: Ranks, obj, what: str):
     try:
         dist.broadcast_object_list(box, src=0)
     except RuntimeError as e:
-        raise DistributedError(f"{r}: {what}: rank 0 did not send it ({_first_line(e)})") from e
+        raise DistributedError(f"{r}: {what}: rank 0 did not send it ({first_line(e)})") from e
     return box[0]
 
 
@@ -231,8 +232,3 @@ def relaunch(module: str, argv: list[str], procs: int, what: str) -> None:
     if code != 0:
         raise DistributedError(f"{what}: the {procs} processes under torchrun failed (exit {code}; the failing "
                                "rank's error is above); finished chunks are kept: re-run the stage to resume")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]

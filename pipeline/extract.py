@@ -1,7 +1,7 @@
 """The extraction driver: run one encoder once over a manifest into its feature store, in resumable chunks.
 
 A store that exists with the fingerprint the run would have (the encoder's provenance and its inputs) is left
-as it is; an interrupted run resumes from its finished chunks (pipeline/store.py).
+as it is; an interrupted run resumes from its finished chunks (pipeline/store/).
 
 Under torchrun (pipeline/distributed.py) every rank runs `extract` with the same arguments: rank 0 decides
 whether the store is up to date, prepares `<store>.partial/` and lists the chunks still to compute; each rank
@@ -11,14 +11,15 @@ process writes (tested byte for byte), and a run killed part-way loses only the 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import distributed
 from pipeline.manifest import Manifest
-from pipeline.store import (ChunkedRun, FeatureStore, MediaStore, StoreLayout, assemble, chunk_bounds, fingerprint,
-                            run_chunks)
+from pipeline.store import (ChunkedRun, FeatureStore, MediaStore, StoreLayout, UnsealedStore, assemble, chunk_bounds,
+                            fingerprint, run_chunks, writer_lock)
 
 if TYPE_CHECKING:
     from pipeline.encoders import Encoder
@@ -50,14 +51,21 @@ def extract(manifest: Manifest, encoder: Encoder, out_path: str | Path, media_pa
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     r = distributed.ranks()
+    lock = contextlib.ExitStack()
+    if r.main:   # one writer per store: a second extract waits for the first (the other ranks share its run)
+        lock.enter_context(writer_lock(out_path))
     media = None
     if encoder.needs_media:
         if media_path is None:
             raise ValueError(f"encoder {encoder.name} needs the media store")
-        media = MediaStore(media_path)
+        try:
+            media = MediaStore(media_path)
+        except BaseException:
+            lock.close()
+            raise
     try:
         inputs = extract_inputs(manifest, encoder.needs_media, media)
-        prov = encoder.provenance()
+        prov = {**encoder.provenance(), **encoder.manifest_provenance(manifest)}
         run_fp = run_fingerprint(prov, inputs)
         n = len(manifest)
         bounds = chunk_bounds(n, chunk_size)
@@ -106,6 +114,7 @@ def extract(manifest: Manifest, encoder: Encoder, out_path: str | Path, media_pa
     finally:
         if media is not None:
             media.close()
+        lock.close()
     extra = {"procs": r.world} if r.distributed else {}
     return run_summary(n, computed, problems, **extra)
 
@@ -114,8 +123,11 @@ def _up_to_date(out_path: Path, run_fp: str) -> list[dict] | None:
     """The recorded problems of the store at `out_path` when it has fingerprint `run_fp`, else None."""
     if not out_path.exists():
         return None
-    with FeatureStore(out_path) as old:
-        return old.problems() if old.attrs.get("fingerprint") == run_fp else None
+    try:   # opening verifies the content against its checksums: a damaged store is an error, never up to date
+        with FeatureStore(out_path) as old:
+            return old.problems() if old.attrs.get("fingerprint") == run_fp else None
+    except UnsealedStore:   # written before stores recorded checksums: computed again
+        return None
 
 
 def run_summary(n: int, computed: int, problems: list[dict], **extra) -> dict:

@@ -10,8 +10,8 @@ processor's config where provenance reads it) instead of the model; the weights'
 the files, as `extract` does. A feature store whose media store is stale is stale too: `dvc repro` would decode
 again, then extract.
 
-Paths follow the stages' layout: `data/features/<D>/<E>.h5` and `data/media/<D>.h5` sit beside
-`data/manifest/<D>/`, so a store's inputs are found from the store's own path.
+Paths follow the stages' layout (pipeline/paths.py): `data/features/<D>/<E>.h5` and `data/media/<D>.h5` sit
+beside `data/manifest/<D>/`, so a store's inputs are found from the store's own path.
 """
 from __future__ import annotations
 
@@ -24,13 +24,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from pipeline import paths
 from pipeline.extract import TEXT_INPUT_COLUMNS, extract_inputs, run_fingerprint
+from pipeline.params import as_dict
 from pipeline.store import H5Store, StoreError
 
 FRESH, STALE, NOT_IN_PARAMS, UNKNOWN, ERROR, PARTIAL = "fresh", "stale", "not in params", "unknown", "error", "partial"
 
 # attributes `extract` / `assemble` write beside an encoder's provenance
-NOT_PROVENANCE = {"dataset", "fingerprint", "inputs", "dim", "code_version", "rows"}
+NOT_PROVENANCE = {"dataset", "fingerprint", "inputs", "dim", "code_version", "rows", "checksums"}
 
 
 class Unreadable(OSError):
@@ -117,26 +119,16 @@ class Layout:
 
     @classmethod
     def of(cls, store: Path, media: bool) -> "Layout":
-        store = Path(store)
-        return cls(store.parent.parent if media else store.parent.parent.parent)
+        return cls(paths.data_folder_of(store, media))
 
     def manifest(self, dataset: str) -> Path:
-        return self.root / "manifest" / dataset
+        return Path(paths.manifest(dataset, data=str(self.root)))
 
     def media(self, dataset: str) -> Path:
-        return self.root / "media" / f"{dataset}.h5"
+        return Path(paths.media(dataset, data=str(self.root)))
 
 
 # -- the fingerprints the stages would compute now --------------------------------------------------
-
-def as_dict(obj) -> dict[str, Any]:
-    """A params section as a plain dict (dataclass, pydantic model or dict)."""
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.asdict(obj)
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump()
-    return dict(obj)
-
 
 def text_inputs_fingerprint(manifest) -> str:
     """What `extract` records as the inputs of an encoder that reads the manifest (no media)."""
@@ -163,7 +155,8 @@ def _hf_video(enc, config, path, revision) -> None:
 STAND_INS = {"hf_audio": _hf_audio, "hf_video": _hf_video}
 
 
-def planned_provenance(name: str, raw: dict[str, Any], stored: dict[str, Any] | None = None) -> dict[str, Any]:
+def planned_provenance(name: str, raw: dict[str, Any], stored: dict[str, Any] | None = None,
+                       manifest=None) -> dict[str, Any]:
     """The provenance `build_encoder(name, raw).provenance()` would give, without loading the model.
 
     The encoder class's own `provenance()` runs on an instance whose `__init__` is skipped: it gets its config,
@@ -189,20 +182,25 @@ def planned_provenance(name: str, raw: dict[str, Any], stored: dict[str, Any] | 
         enc.int8_layers = [""] * n_int8
         if cls.kind in STAND_INS:
             STAND_INS[cls.kind](enc, config, path, revision)
-    return enc.provenance()
+    return {**enc.provenance(), **(enc.manifest_provenance(manifest) if manifest is not None else {})}
 
 
 def planned_teacher_provenance(name: str, raw: dict[str, Any], checkpoint: str, labels: list[str]) -> dict[str, Any]:
-    """The provenance `write_teacher_store` gives the teacher store of `finetune.<name>` whose best checkpoint
-    is at `checkpoint` (as recorded in the store), with the checkpoint's content hash as it is now."""
+    """The provenance `write_store` (pipeline/finetune/store_writer.py) gives the teacher store of
+    `finetune.<name>` whose best checkpoint is at `checkpoint` (as recorded in the store), with the checkpoint's content hash as it is now."""
     from pipeline.runtime import weights_hash
-    from pipeline.finetune import FinetuneParams, TeacherEncoder
+    from pipeline.configs import TextFinetuneParams
+    from pipeline.finetune.objectives import CrossEntropy
+    from pipeline.finetune.store_writer import FinetunedEncoder, FinetunedTextEncoder
     from pipeline.params import from_dict
 
-    p = from_dict(FinetuneParams, raw, f"finetune.{name}")
-    enc = TeacherEncoder.__new__(TeacherEncoder)
+    p = from_dict(TextFinetuneParams, raw, f"finetune.{name}")
+    # a LoRA teacher's store records its base weights' hash and objective too (store_writer.finetuned_encoder)
+    cls = FinetunedTextEncoder if p.lora is None else FinetunedEncoder
+    enc = cls.__new__(cls)
     enc.name, enc.config, enc.checkpoint = name, p, Path(checkpoint)
-    enc.tuner = SimpleNamespace(p=p, labels=list(labels))
+    enc.kind, enc.modality, enc.needs_media = "finetuned_text", "text", False
+    enc.tuner = SimpleNamespace(p=p, labels=list(labels), objective=CrossEntropy())
     enc.ckpt_hash = weights_hash(str(checkpoint))
     return enc.provenance()
 
@@ -304,6 +302,9 @@ class Inspector:
         report.dim = int(a["dim"]) if "dim" in a else int(f["pooled"].shape[-1]) if "pooled" in f else None
         report.compute = a.get("compute")
         report.details = {k: a.get(k) for k in ("modality", "model_type", "layers", "code_version") if k in a}
+        if isinstance(a.get("config"), dict) and a["config"].get("lora"):   # a LoRA adapter: `weights_hash` is
+            report.details.update(adapter=True, base_weights=a.get("base_weights"),   # the adapter's checkpoint
+                                  base_weights_hash=a.get("base_weights_hash"))
         report.details.update(logits="logits" in f, sequence="seq" in f)
         return report
 
@@ -324,7 +325,7 @@ class Inspector:
 
             decode = self.params.decode
             reader = pick_reader(getattr(decode, "reader", "auto")).name   # what decode would read with here
-            if decode_fingerprint(manifest, decode, reader) == attrs.get("fingerprint"):
+            if decode_fingerprint(manifest, decode, reader, cache_from=path) == attrs.get("fingerprint"):
                 report.status = FRESH
                 return
             report.status = STALE
@@ -336,8 +337,8 @@ class Inspector:
                     same_rows = store.utt_ids == manifest.utt_ids
                 report.reasons = [f"the manifest's utterances changed ({report.rows} rows in the store, "
                                   f"{len(manifest)} in {layout.manifest(dataset)})" if not same_rows else
-                                  f"the rows of {layout.manifest(dataset)}, its media root, or the way decode "
-                                  f"fingerprints its store (this store: code {attrs.get('code_version')}) changed"]
+                                  f"the rows of {layout.manifest(dataset)}, its media root, a media file's content, "
+                                  f"or the way decode fingerprints its store (this store: code {attrs.get('code_version')}) changed"]
             return
         name, teacher = report.encoder, report.kind == "finetuned_text"
         section = "finetune" if teacher else "encoders"
@@ -351,13 +352,14 @@ class Inspector:
             checkpoint = str(attrs.get("weights"))
             planned = planned_teacher_provenance(name, raw, checkpoint, manifest.meta.labels)
             if not Path(checkpoint).exists():
-                upstream.append(f"its checkpoint {checkpoint} is missing (finetune_text would train again)")
+                upstream.append(f"its checkpoint {checkpoint} is missing "
+                                f"({paths.stage_name(paths.FINETUNE_TEXT, dataset, name)} would train again)")
             needs_media = False
         else:
-            from pipeline.encoders import REGISTRY
+            from pipeline.encoders import ENCODERS
 
-            planned = planned_provenance(name, raw, attrs)
-            needs_media = REGISTRY[raw["kind"]].needs_media
+            planned = planned_provenance(name, raw, attrs, manifest)
+            needs_media = ENCODERS[raw["kind"]].needs_media
         if needs_media:
             media_path = layout.media(dataset)
             if not media_path.exists():
@@ -385,7 +387,7 @@ class Inspector:
 
         if folder not in self._manifests:
             if not (folder / "manifest.csv").exists():
-                raise FileNotFoundError(f"no manifest at {folder} (run prepare)")
+                raise FileNotFoundError(f"no manifest at {folder} (run {paths.PREPARE})")
             self._manifests[folder] = Manifest.load(folder)
         return self._manifests[folder]
 

@@ -1,10 +1,10 @@
-"""The manifest: one typed, validated row per utterance (DESIGN.md, "Data flow and contracts").
+"""The manifest: one typed, validated row per utterance (docs/design.md, "Manifest").
 
 A manifest lives in a folder: `manifest.csv` (the rows) and `meta.json` (dataset name, media root, label
 order, dimensional columns). Row order is the index every store follows.
 
 Media paths (`video`, `audio`) are relative to the dataset root and must stay inside it once `..` and
-symlinks are resolved (DESIGN.md, "Trust boundary"): `resolve_media_path` is the one rule, checked for every
+symlinks are resolved (docs/security.md): `resolve_media_path` is the one rule, checked for every
 row whenever a manifest is built or loaded, unless the dataset sets `allow_outside_root`. A manifest without
 a root (a text-only dataset) may not name media files; an empty media value means the utterance has none.
 """
@@ -59,7 +59,12 @@ class ManifestMeta:
 
 
 class OutsideRootError(ManifestError):
-    pass
+    """A media path that leaves the dataset root. `details`: the refused rows, without advice (a caller with
+    another way to allow them, `ercflow predict --allow-outside-root`, gives its own)."""
+
+    def __init__(self, message: str, details: str | None = None):
+        super().__init__(message)
+        self.details = details if details is not None else message
 
 
 def resolve_media_path(root: str | Path | None, rel: str, allow_outside: bool = False,
@@ -108,10 +113,13 @@ def check_media_paths(df: pd.DataFrame, meta: ManifestMeta) -> None:
                 bad.append(f"row {row} (utt_id {utt}): {col} path {seen[rel]}")
     if bad:
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-        fix = (f"set data.{meta.dataset}.root to the folder media paths are relative to" if not meta.root else
-               f"media paths must stay inside the dataset root; set data.{meta.dataset}.allow_outside_root: true "
-               "only for a manifest you trust")
-        raise ManifestError(f"manifest of '{meta.dataset}': {'; '.join(bad[:3])}{more}. {fix}")
+        details = f"{'; '.join(bad[:3])}{more}"
+        if not meta.root:
+            raise ManifestError(f"manifest of '{meta.dataset}': {details}. Set data.{meta.dataset}.root to the "
+                                "folder media paths are relative to")
+        raise OutsideRootError(f"manifest of '{meta.dataset}': {details}. Media paths must stay inside the dataset "
+                               f"root; set data.{meta.dataset}.allow_outside_root: true only for a manifest you "
+                               "trust", details)
 
 
 def _bad_rows(df: pd.DataFrame, mask, what: str) -> str:

@@ -24,6 +24,12 @@ wav or avi, as in IEMOCAP); a per-utterance file is read whole. An utterance wit
 dataset, or one with media for some utterances only) has that modality absent: masked, not a problem. A dataset
 with no media path at all decodes to a store with no audio samples and no frames (`text_only`).
 
+A media store's fingerprint covers the content of every media file it read (`media_content`: sha256 per file,
+cached by path, size, mtime_ns and ctime_ns in the store's `media_files` dataset, so a re-run reads again only
+the files that changed), so a clip replaced under the same name changes the fingerprint, and with it every
+feature store computed from the media store. Decoded audio is clipped to [-1, 1] (a resampler's or codec's
+overshoot); audio beyond 2 in magnitude is bad input.
+
 Bad input is a `Problem` naming the utterance and file: missing or unreadable files, a video without an
 audio track, empty or non-finite audio, clips longer than `max_clip_seconds`. Per `decode.on_bad_media`,
 decoding stops with a `MediaError` (fail) or the utterance's modality is masked (mask): zeros in the
@@ -31,8 +37,9 @@ store, `audio_valid` / `video_valid` False, and the problem listed in the stage'
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import asdict
+import hashlib
+import json
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -40,12 +47,16 @@ import numpy as np
 import pandas as pd
 
 from pipeline import UserError
+from pipeline.errors import first_line
 from pipeline.manifest import Manifest
-from pipeline.params import DecodeParams
+from pipeline.params import DecodeParams, as_dict
 from pipeline.problems import MODALITY_OF_COLUMN, Problem
-from pipeline.store import ChunkedRun, StoreLayout, assemble, chunk_bounds, fingerprint, ragged, run_chunks
+from pipeline.store import (ChunkedRun, StoreLayout, assemble, chunk_bounds, fingerprint, ragged, run_chunks,
+                            writer_lock)
 
 READERS = ("auto", "decord", "pyav")
+AUDIO_PEAK_LIMIT = 2.0      # decoded audio beyond this is bad input; up to it, an overshoot clipped to [-1, 1]
+MEDIA_FILES = "media_files"   # the store's dataset: JSON {path: [size, mtime_ns, ctime_ns, sha256]}
 _RESAMPLE_BLOCK = 1 << 16   # samples per frame fed to the resampler
 
 
@@ -121,7 +132,7 @@ def _decord():
 class DecordReader(MediaReader):
     """decord's VideoReader; its AudioReader at the stream's own rate (its resampler is not used).
 
-    decord's AudioReader keeps about the decoded audio of every file it opens (DESIGN.md, "Known traps"):
+    decord's AudioReader keeps about the decoded audio of every file it opens (docs/design.md, "Known traps"):
     `auto` reads audio with PyAV instead."""
     name = "decord"
 
@@ -282,7 +293,7 @@ class _PyAVClip(VideoClip):
 
 class DecordVideoPyAVAudio(DecordReader):
     """`auto` where decord imports: decord's video (the design's reader) and PyAV's audio, since decord's
-    AudioReader keeps the decoded audio of every file it opens (DESIGN.md, "Known traps")."""
+    AudioReader keeps the decoded audio of every file it opens (docs/design.md, "Known traps")."""
     name = "decord+pyav-audio"
 
     def __init__(self):
@@ -337,13 +348,18 @@ class ClipDecoder:
         except NoAudioTrack:
             return np.zeros(0, np.float32), "no audio track"
         except Exception as e:  # the reader's own error, with ffmpeg's reason
-            return np.zeros(0, np.float32), f"unreadable audio ({_first_line(e)})"
+            return np.zeros(0, np.float32), f"unreadable audio ({first_line(e, -200)})"
         if span is not None:
             x = x[int(span[0] * self.p.sample_rate):int(span[1] * self.p.sample_rate)]
         if x.size == 0:
             return x, "empty audio"
         if not np.isfinite(x).all():
             return np.zeros(0, np.float32), "non-finite audio samples"
+        peak = float(np.abs(x).max())
+        if peak > AUDIO_PEAK_LIMIT:   # not a codec's overshoot: samples of another scale (int PCM read as float)
+            return np.zeros(0, np.float32), f"audio samples outside [-1, 1] (peak {peak:.4g})"
+        if peak > 1.0:
+            x = np.clip(x, -1.0, 1.0)
         limit = int(self.p.max_clip_seconds * self.p.sample_rate)
         if x.size > limit:
             seconds = x.size / self.p.sample_rate
@@ -380,7 +396,7 @@ class ClipDecoder:
             return resize_frames(frames, self.p.size), None
         except Exception as e:
             self.close()
-            return blank, f"unreadable video ({_first_line(e)})"
+            return blank, f"unreadable video ({first_line(e, -200)})"
 
     def close(self) -> None:
         if self._video is not None:
@@ -398,11 +414,6 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def _first_line(e: Exception) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg[-200:]
 
 
 # -- a dataset ----------------------------------------------------------------------------------------
@@ -459,19 +470,69 @@ def decode_chunk(manifest: Manifest, start: int, end: int, p: DecodeParams, deco
     return arrays, problems
 
 
-def _as_dict(p) -> dict:
-    if dataclasses.is_dataclass(p):
-        return asdict(p)
-    return p.model_dump() if hasattr(p, "model_dump") else dict(vars(p))
+def file_content_hash(path: Path) -> str:
+    """sha256 of a file's bytes (first 32 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:32]
 
 
-def decode_fingerprint(manifest: Manifest, p: DecodeParams, reader: str | None = None) -> str:
+def previous_media_files(store: str | Path | None) -> dict[str, list]:
+    """The content-hash cache a media store kept (`MEDIA_FILES`); {} when there is none or it cannot be read
+    (a cache: a miss only costs a re-read)."""
+    if store is None or not Path(store).is_file():
+        return {}
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            cache = json.loads(f[MEDIA_FILES][()]) if MEDIA_FILES in f else {}
+        return cache if isinstance(cache, dict) else {}
+    except Exception:
+        return {}
+
+
+def media_content(manifest: Manifest, cache: dict[str, list] | None = None) -> dict[str, list]:
+    """{media path: [size, mtime_ns, ctime_ns, sha256 of the content]} of every file the manifest names; a
+    file whose size, mtime and ctime match its `cache` entry is not read again. A missing or unreadable file
+    gets a digest saying so (decode masks it)."""
+    cache = cache or {}
+    root = Path(manifest.meta.root) if manifest.meta.root else None
+    rels = sorted({v for col in ("audio", "video") if col in manifest.rows.columns
+                   for v in manifest.rows[col] if v})
+    out: dict[str, list] = {}
+    for rel in rels:
+        path = root / rel if root is not None else Path(rel)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            out[rel] = [None, None, None, f"missing ({e.strerror})"]
+            continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        old = cache.get(rel)
+        if isinstance(old, list) and len(old) == 4 and old[:3] == key and isinstance(old[3], str) and len(old[3]) == 32:
+            out[rel] = old
+            continue
+        try:
+            out[rel] = key + [file_content_hash(path)]
+        except OSError as e:
+            out[rel] = key + [f"unreadable ({e.strerror})"]
+    return out
+
+
+def decode_fingerprint(manifest: Manifest, p: DecodeParams, reader: str | None = None,
+                       content: dict[str, list] | None = None, cache_from: str | Path | None = None) -> str:
     """The fingerprint of the media store `decode_dataset` writes for `manifest` under `p` with `reader`
-    (default: the one `decode.reader` picks on this machine). The reader is in it: the two readers' audio
-    differs in the last bits."""
+    (default: the one `decode.reader` picks on this machine) from media files of `content` (`media_content`;
+    default: computed now, with the hashes the store at `cache_from` kept). The reader is in it: the two
+    readers' audio differs in the last bits; so is every file's content hash."""
     reader = reader or pick_reader(p.reader).name
-    return fingerprint({"decode": _as_dict(p), "manifest": manifest.rows.to_dict("list"), "root": manifest.meta.root,
-                        "reader": reader})
+    if content is None:
+        content = media_content(manifest, previous_media_files(cache_from))
+    return fingerprint({"decode": as_dict(p), "manifest": manifest.rows.to_dict("list"), "root": manifest.meta.root,
+                        "reader": reader, "content": {rel: v[3] for rel, v in sorted(content.items())}})
 
 
 def decode_dataset(manifest: Manifest, out_path: str | Path, p: DecodeParams, progress=None,
@@ -488,7 +549,13 @@ def decode_dataset(manifest: Manifest, out_path: str | Path, p: DecodeParams, pr
     counts = media_counts(manifest.rows)
     text_only = not any(counts.values())
     frames_per_row = p.frames if counts["video"] else 0   # no video anywhere: a store without frames
-    run_fp = decode_fingerprint(manifest, p, reader.name)
+    with writer_lock(out_path):
+        return _decode_locked(manifest, out_path, p, progress, reader, counts, text_only, frames_per_row)
+
+
+def _decode_locked(manifest, out_path, p, progress, reader, counts, text_only, frames_per_row) -> dict:
+    content = media_content(manifest, previous_media_files(out_path))
+    run_fp = decode_fingerprint(manifest, p, reader.name, content)
     run = ChunkedRun(out_path, run_fp)
     decoder = ClipDecoder(Path(manifest.meta.root) if manifest.meta.root else None, p, reader)
     shared = {"audio": shared_files(manifest.rows, "audio"), "video": shared_files(manifest.rows, "video")}
@@ -501,11 +568,12 @@ def decode_dataset(manifest: Manifest, out_path: str | Path, p: DecodeParams, pr
         decoder.close()
     attrs = {"kind": "media", "dataset": manifest.meta.dataset, "sample_rate": p.sample_rate,
              "frames": frames_per_row, "frame_size": p.size, "frame_sampling": "uniform over the clip",
-             "fingerprint": run_fp, "decode_config": _as_dict(p), "decoder": reader.name,
+             "fingerprint": run_fp, "decode_config": as_dict(p), "decoder": reader.name,
              "decoder_version": reader.version, "text_only": text_only}
     layout = StoreLayout(fixed=["frames", "audio_valid", "video_valid"], ragged=["audio"],
                          compress=["frames"] if frames_per_row else [])
-    assemble(run, manifest.utt_ids, len(chunk_bounds(n, p.chunk_size)), layout, attrs)
+    assemble(run, manifest.utt_ids, len(chunk_bounds(n, p.chunk_size)), layout, attrs,
+             extra={MEDIA_FILES: json.dumps(content)})
     return {"utterances": n, "chunks_computed": computed, "problems": problems, "text_only": text_only,
             "reader": reader.name,
             "absent_audio": n - counts["audio"], "absent_video": n - counts["video"],

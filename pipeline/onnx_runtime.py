@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import UserError
 from pipeline.store import guarded_write, remove_path
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ FORMAT = 1                   # bump when the export changes in a way the key doe
 GRAPH, SIDECAR = "model.onnx", "graph.json"
 ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
              "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+
+
+class OnnxCacheError(UserError, RuntimeError):
+    """A cached ONNX graph that ONNX Runtime cannot load."""
 
 
 def cache_dir() -> Path:
@@ -196,7 +201,13 @@ class OnnxModel:
                 if folder.exists():
                     log.warning(f"{folder}: the cached ONNX graph does not match its recorded sha256: exporting again")
                 self.export(folder, example, hidden_states)
-            self.sessions[key] = make_session(folder / GRAPH)
+            try:
+                self.sessions[key] = make_session(folder / GRAPH)
+            except Exception as e:   # onnxruntime's InvalidProtobuf, Fail, ...: a cached file that is no graph
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise OnnxCacheError(f"{folder / GRAPH}: not a loadable ONNX graph ({type(e).__name__}: {reason}), "
+                                     f"though it matches its recorded sha256 (the cache was written by something "
+                                     f"else); delete {folder} and run again, it is exported anew") from e
         return self.sessions[key]
 
     def export(self, folder: Path, example: dict[str, torch.Tensor], hidden_states: bool) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.params import ParamsError
+from pipeline.configs import bitsandbytes_problem
+from pipeline.errors import pickled_files
+from pipeline.vocab import ParamsError
 from pipeline.store import MediaStore
 
 
@@ -34,16 +36,53 @@ def resolve_weights(weights: str) -> str:
     return weights
 
 
+class PickledWeights(ParamsError):
+    """A local weights folder whose model weights are pickled (pytorch_model.bin, ...): never loaded."""
+
+
+def safetensors_only(path: str) -> dict:
+    """`from_pretrained`'s arguments that load safetensors weights only (`use_safetensors=True`); a local
+    folder with pickled weight files and no `.safetensors` is refused, naming the file (unpickling runs code)."""
+    p = Path(path)
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        pickled = pickled_files(p)
+        if pickled:
+            raise PickledWeights(f"{p / pickled[0]}: pickled weights (ercflow loads safetensors only, since unpickling "
+                                 "can run code); convert them to model.safetensors where they come from, e.g. "
+                                 "`model.save_pretrained(folder, safe_serialization=True)`")
+    return {"use_safetensors": True}
+
+
 def compute_precision(device: torch.device, autocast: str, quantize: str, where: str) -> str:
     """What the model computes in: `autocast` (bf16 | fp16 | none) applies on CUDA, `quantize` (int8 | none)
     on the CPU; recorded in the store, since it changes the features."""
     if autocast not in ("bf16", "fp16", "none"):
         raise ParamsError(f"{where}.autocast: one of bf16, fp16, none, not {autocast!r}")
-    if quantize not in ("int8", "none"):
-        raise ParamsError(f"{where}.quantize: one of int8, none, not {quantize!r}")
+    if quantize not in ("int8", "none") + BNB_QUANTIZE:
+        raise ParamsError(f"{where}.quantize: one of int8, {', '.join(BNB_QUANTIZE)}, none, not {quantize!r}")
+    if quantize in BNB_QUANTIZE:
+        if problem := bitsandbytes_problem(quantize, str(device)):
+            raise ParamsError(f"{where}.{problem}")
+        return f"{quantize}-bnb-{autocast if autocast != 'none' else 'float32'}"
     if device.type == "cuda":
         return f"{autocast}-autocast" if autocast != "none" else "float32"
     return "int8-dynamic" if quantize == "int8" and device.type == "cpu" else "float32"   # fbgemm: CPU only
+
+
+# weights quantised at load time through bitsandbytes, on CUDA only: 4-bit NF4 (QLoRA, arXiv:2305.14314) and
+# LLM.int8() (arXiv:2208.07339); `int8` is torch's dynamic int8 on a CPU (quantize_linear_int8)
+BNB_QUANTIZE = ("nf4", "int8_bnb")
+
+
+def bitsandbytes_config(quantize: str, autocast: str):
+    """transformers' BitsAndBytesConfig of `quantize` (nf4 | int8_bnb), computing in the autocast dtype."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast, torch.float32)
+    if quantize == "nf4":   # QLoRA's recipe: NF4 weights, double quantisation of the scales
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 _SOURCE: dict[type, str] = {}
@@ -174,5 +213,5 @@ def worker_media(path: str | Path) -> MediaStore:
     """This process's own handle on a media store (an HDF5 handle must not cross a fork)."""
     key = (os.getpid(), str(path))
     if key not in _WORKER_MEDIA:
-        _WORKER_MEDIA[key] = MediaStore(path)
+        _WORKER_MEDIA[key] = MediaStore(path, verify=False)   # the parent verified it
     return _WORKER_MEDIA[key]

@@ -4,6 +4,7 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline import paths
 from pipeline.logs import progress, run_stage
 from pipeline.manifest import Manifest
 from pipeline.media import decode_dataset
@@ -16,14 +17,14 @@ log = logging.getLogger(__name__)
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", required=True)
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default=paths.PARAMS)
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    manifest = Manifest.load(f"data/manifest/{args.dataset}")
-    out = Path(f"data/media/{args.dataset}.h5")
+    manifest = Manifest.load(paths.manifest(args.dataset))
+    out = Path(paths.media(args.dataset))
     with progress(total=len(manifest), desc=f"decode {args.dataset}", unit="utt") as bar:
         summary = decode_dataset(manifest, out, params.decode, progress=bar)
-    atomic_write_text(out.with_suffix(".summary.json"), json.dumps(summary, indent=1))
+    atomic_write_text(paths.summary(out), json.dumps(summary, indent=1))
     log.info(f"{out}: {summary['utterances']} utterances read with {summary['reader']}, masked audio "
           f"{summary['masked_audio']}, masked video {summary['masked_video']}, trimmed {summary['trimmed']}")
     if summary["text_only"]:

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import distributed
+from pipeline import distributed, paths
 from pipeline.encoders import build_encoder
 from pipeline.extract import extract
 from pipeline.logs import progress, run_stage
@@ -23,7 +23,7 @@ def main(argv=None):
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--encoder", required=True)
     ap.add_argument("--chunk-size", type=int, default=256)
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default=paths.PARAMS)
     args = ap.parse_args(argv)
     params = load_params(args.params)
     if args.encoder not in params.encoders:
@@ -33,15 +33,15 @@ def main(argv=None):
                                 f"encoders.{args.encoder}", f"extract {args.encoder} on {args.dataset}")
     if r is None:   # it ran as config.procs processes under torchrun
         return
-    manifest = Manifest.load(f"data/manifest/{args.dataset}")
+    manifest = Manifest.load(paths.manifest(args.dataset))
     encoder = build_encoder(args.encoder, params.encoders[args.encoder])
-    out = Path(f"data/features/{args.dataset}/{args.encoder}.h5")
+    out = Path(paths.features(args.dataset, args.encoder))
     desc = f"{args.encoder} {args.dataset}" + (f" [{r}]" if r.distributed else "")
     with progress(total=len(manifest), desc=desc, unit="utt", position=r.rank) as bar:
-        summary = extract(manifest, encoder, out, f"data/media/{args.dataset}.h5", args.chunk_size, bar)
+        summary = extract(manifest, encoder, out, paths.media(args.dataset), args.chunk_size, bar)
     if not r.main:
         return
-    atomic_write_text(out.with_suffix(".summary.json"), json.dumps(summary, indent=1))
+    atomic_write_text(paths.summary(out), json.dumps(summary, indent=1))
     log.info(f"{out}: {summary['utterances']} utterances, {summary['chunks_computed']} chunk(s) computed now"
              f"{f' by {r.world} processes' if r.distributed else ''}, {summary.get('masked', 0)} masked")
 

@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline import paths
 from pipeline.logs import run_stage
 from pipeline.params import load_params
 from pipeline.store import FeatureStore, atomic_write_text
@@ -20,7 +21,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--head", required=True)
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default=paths.PARAMS)
     args = ap.parse_args(argv)
     stores = load_params(args.params).feature_stores(args.dataset, args.head)
     inputs = {}
@@ -28,7 +29,7 @@ def main(argv=None):
         with FeatureStore(path) as store:
             inputs[modality] = {"store": path, "fingerprint": store.attrs.get("fingerprint"),
                                 "rows": int(store.attrs["rows"])}
-    out = Path(f"data/inputs/{args.dataset}/{args.head}.json")
+    out = Path(paths.head_inputs(args.dataset, args.head))
     atomic_write_text(out, json.dumps(inputs, indent=1, sort_keys=True) + "\n")
     log.info("%s: %s", out, ", ".join(f"{m} <- {v['store']}" for m, v in inputs.items()))
 

@@ -5,6 +5,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline import paths
 from pipeline.datasets import build_manifest
 from pipeline.logs import run_stage
 from pipeline.params import load_params
@@ -16,10 +17,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default=paths.PARAMS)
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    out = Path(args.out or f"data/manifest/{args.dataset}")
+    out = Path(args.out or paths.manifest(args.dataset))
     manifest, problems = build_manifest(args.dataset, params.dataset(args.dataset))
     manifest.save(out)
     (out / "problems.json").write_text(json.dumps([asdict(p) for p in problems], indent=1))

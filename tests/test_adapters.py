@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import MELD_CSVS
 from pipeline.datasets import build_manifest
 from pipeline.datasets.meld import parse_timestamp
 from pipeline.manifest import ManifestError
@@ -75,10 +75,10 @@ def test_meld_bad_timestamp_names_the_row(tmp_path):
         build_manifest("meld", DatasetParams(adapter="meld", root=str(tmp_path)))
 
 
-@pytest.mark.skipif(not (SHARED / "data/meld/train_sent_emo.csv").exists(), reason="shared MELD CSVs absent")
+@pytest.mark.skipif(not (MELD_CSVS / "train_sent_emo.csv").exists(), reason="MELD CSVs absent (set ERCFLOW_MELD)")
 def test_meld_real_csvs(tmp_path):
     m, problems = build_manifest("meld", DatasetParams(adapter="meld", root=str(tmp_path),
-                                                       csv_dir=str(SHARED / "data/meld")))
+                                                       csv_dir=str(MELD_CSVS)))
     counts = m.rows["split"].value_counts().to_dict()
     assert counts == {"train": 9989, "dev": 1109}
     assert m.rows.groupby("split")["dialogue_id"].nunique().to_dict() == {"train": 1038, "dev": 114}

@@ -4,25 +4,7 @@ import pytest
 from pipeline.encoders import build_encoder
 from pipeline.extract import extract
 from pipeline.store import FeatureStore
-
-
-def save_tiny_speech_model(path, model_type):
-    import torch
-    from transformers import Data2VecAudioConfig, Data2VecAudioModel, Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
-
-    torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=16,
-                  num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True)
-    if model_type == "wavlm":
-        model = WavLMModel(WavLMConfig(**common, num_buckets=16, max_bucket_distance=64))
-    else:
-        model = Data2VecAudioModel(Data2VecAudioConfig(**{k: v for k, v in common.items()
-                                                          if k not in ("feat_extract_norm", "do_stable_layer_norm", "num_conv_pos_embeddings")},
-                                                       conv_pos_kernel_size=5, num_conv_pos_embeddings=5))
-    model.save_pretrained(path)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True, do_normalize=True).save_pretrained(path)
-    return str(path)
+from conftest import save_tiny_speech_model
 
 
 @pytest.mark.parametrize("model_type", ["wavlm", "data2vec-audio"])
@@ -70,7 +52,7 @@ def test_hf_audio_prep_in_dataloader_workers(sample_manifest, sample_media, tmp_
 def test_opensmile_masks_bad_and_short_audio(workers, tmp_path):
     from pipeline.media import decode_dataset
     from pipeline.params import DecodeParams
-    from tests.test_media import bad_media_manifest
+    from conftest import bad_media_manifest
 
     m = bad_media_manifest(tmp_path)
     decode_dataset(m, tmp_path / "media.h5", DecodeParams(frames=2, size=16, max_clip_seconds=4.0))

@@ -16,9 +16,9 @@ from ercflow.check import check_params, head_options, load_checked_params
 from ercflow.schema import SCHEMA_FILE, schema_text
 from pipeline.logs import setup_logging
 from pipeline.params import ParamsError, ParamsFileError, from_dict, load_params, validate_params
+from conftest import BASE
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def edit(path: str, value=None, delete=False):
@@ -45,7 +45,7 @@ def problems_of(*mutations) -> list[str]:
 # (id, mutation, text the one reported problem must contain: the params path first, then what is wrong)
 BAD = [
     ("option typo", edit("heads.fusion_mlp.options.hiden", 64),
-     "heads.fusion_mlp.options: unknown option 'hiden' (known: dropout, hidden)"),
+     "heads.fusion_mlp.options: unknown option 'hiden' (known: dropout, hidden, normalize)"),
     ("telme students", edit("heads.telme.options.students", "mlps"), "heads.telme.options.students: 'mlps' is not one of"),
     ("telme fusion", edit("heads.telme.options.fusion", "sum"), "heads.telme.options.fusion: 'sum' is not one of"),
     ("dialoguetrm fusion", edit("heads.dialoguetrm.options.fusion", "gated"),
@@ -109,7 +109,7 @@ BAD = [
      "train[1]: 'fusion_mlp2' has no entry in heads"),
     ("listed twice", edit("train", ["fusion_mlp", "fusion_mlp"]), "train[1]: 'fusion_mlp' is listed twice"),
     ("unknown paper_defaults", edit("heads.telme.options.paper_defaults", "mosei"),
-     "heads.telme.options.paper_defaults: 'mosei' is not one of 'meld' or 'iemocap'"),
+     "heads.telme.options.paper_defaults: 'mosei' is not one of 'meld', 'iemocap', 'meld_table' or 'iemocap_table'"),
     ("paper_defaults on a head without any", edit("heads.fusion_mlp.options.paper_defaults", "meld"),
      "heads.fusion_mlp.options: unknown option 'paper_defaults'"),
     ("unknown head", edit("heads.matav.head", "mamba"), "heads.matav.head: unknown head 'mamba' (known: "),
@@ -148,7 +148,7 @@ def test_the_repository_params_pass():
     assert params.head("telme").options == {"paper_defaults": "meld"}
     assert params.store_modality("teacher_minilm") == "text"
     assert params.encoder("visual_c3d").frames == 8
-    assert params.teacher("teacher_minilm").weights.startswith("package:")
+    assert params.finetune_entry("teacher_minilm").weights.startswith("package:")
 
 
 def test_every_problem_at_once(tmp_path):
@@ -178,7 +178,7 @@ def test_yaml_strings_for_floats_give_floats(tmp_path):
     assert params.trainer.lr == 1e-3 and isinstance(params.trainer.lr, float)
     assert params.heads["fusion_mlp"].options["dropout"] == 0.2
     assert params.trainer_for("telme").lr == 5e-4
-    assert params.teacher("teacher_minilm").lr == 5e-5
+    assert params.finetune_entry("teacher_minilm").lr == 5e-5
     assert params.decode.max_clip_seconds == 30.0
 
 
@@ -201,7 +201,7 @@ def test_missing_or_broken_file(tmp_path):
 
 def test_from_dict_validates_dataclasses():
     from pipeline.encoders.text import HFTextConfig
-    from pipeline.finetune import FinetuneParams
+    from pipeline.configs import TextFinetuneParams
 
     cfg = from_dict(HFTextConfig, {"weights": "w", "max_length": "64", "pooling": "mean"}, "encoders.e")
     assert cfg.max_length == 64 and cfg.pooling == "mean" and cfg.quantize == "none"
@@ -209,7 +209,7 @@ def test_from_dict_validates_dataclasses():
         from_dict(HFTextConfig, {"weights": "w", "pooling": "max", "batch": 3}, "encoders.e")
     assert "encoders.e: unknown key 'batch'" in str(e.value)   # both problems at once
     with pytest.raises(ParamsError, match=r"finetune\.t\.weights: missing"):
-        from_dict(FinetuneParams, {}, "finetune.t")
+        from_dict(TextFinetuneParams, {}, "finetune.t")
 
 
 def test_a_stage_stops_before_touching_anything(tmp_path):

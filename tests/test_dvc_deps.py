@@ -1,46 +1,9 @@
 """dvc.yaml lists, for every stage, every project module its command imports: an edit to any of them makes
 `dvc status` report the stage as changed (an unlisted module would leave a stale stage "up to date")."""
-import ast
 from pathlib import Path
 
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "heads", "stages", "ercflow")
-
-
-def module_files(name: str) -> list[Path]:
-    """The files importing `name` executes: its package __init__ files and the module itself."""
-    parts, files = name.split("."), []
-    for i in range(1, len(parts) + 1):
-        base = REPO.joinpath(*parts[:i])
-        for f in (base / "__init__.py", base.with_suffix(".py")):
-            if f.exists():
-                files.append(f)
-    return files
-
-
-def imported_files(path: Path) -> set[Path]:
-    """Every project file reached from `path` through import statements (anywhere in the file)."""
-    seen, todo = set(), [path]
-    while todo:
-        f = todo.pop()
-        if f in seen:
-            continue
-        seen.add(f)
-        tree = ast.parse(f.read_text())
-        for lazy in [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"]:
-            tree.body.remove(lazy)   # a module's lazy attributes are imported when used, not with the module
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]   # a name may be a module
-            todo.extend(m for n in names if n.split(".")[0] in PACKAGES for m in module_files(n))
-    return seen
-
-
+from conftest import REPO, imported_files
 def stage_modules(cmd: str) -> list[Path]:
     """The file `python -m X ...` runs; for the `ercflow` package, its __main__ and the command's module
     (the command line imports it by name)."""
@@ -72,7 +35,7 @@ def test_every_stage_lists_every_module_it_imports():
 def test_the_import_walk_finds_lazy_imports():
     """The walk must see imports inside functions."""
     files = {str(f.relative_to(REPO)) for f in imported_files(REPO / "stages" / "train.py")}
-    assert {"heads/matav.py", "heads/mamba.py", "pipeline/store.py", "pipeline/__init__.py"} <= files
+    assert {"heads/matav.py", "heads/mamba.py", "pipeline/store/readers.py", "pipeline/__init__.py"} <= files
 
 
 def test_a_student_fine_tune_depends_on_telme_alone_among_the_heads():
@@ -81,5 +44,6 @@ def test_a_student_fine_tune_depends_on_telme_alone_among_the_heads():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune_student"]
     reached = {str(f.relative_to(REPO)) for f in imported_files(REPO / "stages" / "finetune_student.py")}
     heads = sorted(f for f in reached if f.startswith("heads/"))
-    assert heads == ["heads/__init__.py", "heads/data.py", "heads/layers.py", "heads/telme.py"], heads
+    assert heads == ["heads/__init__.py", "heads/data.py", "heads/layers.py", "heads/telme.py",
+                     "heads/telme_students.py"], heads
     assert "heads" not in stage["deps"] and "heads/dialoguetrm.py" not in stage["deps"]

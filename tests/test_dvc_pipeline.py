@@ -1,59 +1,14 @@
 """The demo pipeline through DVC itself: repro, metrics, per-stage invalidation, and sharing via a remote."""
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
-
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-
-def sh(cwd, *cmd, check=True):
-    out = subprocess.run(list(cmd), cwd=cwd, env=ENV, capture_output=True, text=True)
-    if check and out.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out.stdout + out.stderr
-
-
-def dvc(cwd, *args, check=True):
-    return sh(cwd, sys.executable, "-m", "dvc", *args, check=check)
-
-
-def project_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in listed if (REPO / f).is_file() and not f.startswith(("data/", "results/", "models/", "reports/"))
-            and f not in ("dvc.lock",)]
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A fresh git + DVC project with this repo's code, the pipeline run once on a small sample."""
-    root = tmp_path_factory.mktemp("proj") / "ercflow"
-    for f in project_files():
-        (root / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, root / f)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sample"]["dialogues"] = 24
-    params["trainer"]["epochs"] = 40
-    params["finetune"]["teacher_minilm"]["epochs"] = 3
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(root, "git", "init", "-q")
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-qm", "init")
-    log = dvc(root, "repro")
-    return root, log
+from conftest import sh, dvc
 
 
 def test_repro_runs_every_stage_and_fusion_beats_text(project):
@@ -207,7 +162,7 @@ def test_predict_text_only_model_on_a_bare_transcript_and_cached_work(project, t
 
 def test_predict_masks_a_missing_clip_and_refuses_other_weights(project, tmp_path):
     from heads.bundle import load_head, save_head
-    from pipeline.predict import WeightsMismatch, load_model
+    from ercflow.model import WeightsMismatch, load_model
 
     root, _ = project
     table = transcript_of_test_dialogues(root)

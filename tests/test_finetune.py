@@ -5,8 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.finetune import (FinetuneParams, InterruptTraining, TextFinetuner, length_grouped_batches,
-                               length_sorted_micro_batches, params_identity, write_teacher_store)
+from pipeline.configs import TextFinetuneParams
+from pipeline.finetune.batches import length_grouped_batches, length_sorted_micro_batches
+from pipeline.finetune.kinds import TextFinetuner
+from pipeline.finetune.loop import InterruptTraining, params_identity
+from pipeline.finetune.store_writer import write_store
 from pipeline.store import FeatureStore
 
 
@@ -14,7 +17,7 @@ def params(tiny_bert, **kw):
     base = dict(weights=tiny_bert, input_format="indi_context", pooling="cls", context_window=3, max_length=48,
                 lr=2e-3, warmup_steps=2, epochs=20, batch_size=8, patience=100, device="cpu", dropout=0.0,
                 save_every_steps=3)
-    return FinetuneParams(**{**base, **kw})
+    return TextFinetuneParams(**{**base, **kw})
 
 
 def test_finetune_loss_falls_checkpoint_reloads_and_teacher_store(tiny_bert, sample_manifest, tmp_path):
@@ -38,7 +41,7 @@ def test_finetune_loss_falls_checkpoint_reloads_and_teacher_store(tiny_bert, sam
     fresh.load("best")
     _, again = fresh.predict(rows)
     np.testing.assert_array_equal(logits, again)
-    summary = write_teacher_store(fresh, "teacher", tmp_path / "teacher.h5", chunk_size=7)
+    summary = write_store(fresh, "teacher", tmp_path / "teacher.h5", chunk_size=7)
     assert summary["utterances"] == len(sample_manifest)
     with FeatureStore(tmp_path / "teacher.h5") as s:
         assert s.utt_ids == sample_manifest.utt_ids
@@ -153,11 +156,11 @@ def test_sort_micro_batches_needs_micro_batches_and_no_grouping():
 
     base = {"weights": "w", "batch_size": 8}
     with pytest.raises(ParamsError, match=r"finetune\.t.*sort_micro_batches.*grad_accum"):
-        from_dict(FinetuneParams, {**base, "sort_micro_batches": True}, "finetune.t")
+        from_dict(TextFinetuneParams, {**base, "sort_micro_batches": True}, "finetune.t")
     with pytest.raises(ParamsError, match=r"finetune\.t.*group_by_length"):
-        from_dict(FinetuneParams, {**base, "grad_accum": 4, "sort_micro_batches": True, "group_by_length": True},
+        from_dict(TextFinetuneParams, {**base, "grad_accum": 4, "sort_micro_batches": True, "group_by_length": True},
                   "finetune.t")
-    assert from_dict(FinetuneParams, {**base, "grad_accum": 4, "sort_micro_batches": True}, "finetune.t").grad_accum == 4
+    assert from_dict(TextFinetuneParams, {**base, "grad_accum": 4, "sort_micro_batches": True}, "finetune.t").grad_accum == 4
 
 
 def test_group_by_length_epochs_and_fingerprints(tiny_bert, sample_manifest, tmp_path):
@@ -182,7 +185,7 @@ def test_progress_bar_and_no_transformers_bars(tiny_bert, sample_manifest, tmp_p
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
-    import pipeline.finetune as ft
+    import pipeline.finetune.loop as ft
 
     out = io.StringIO()
     bars = []
@@ -223,14 +226,15 @@ RANK_SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
 from pipeline import distributed
-from pipeline.configs import FinetuneParams
-from pipeline.finetune import InterruptTraining, build_finetuner
+from pipeline.configs import TextFinetuneParams
+from pipeline.finetune.kinds import build_finetuner
+from pipeline.finetune.loop import InterruptTraining
 from pipeline.manifest import Manifest
 job = json.loads(sys.argv[1])
 r = distributed.ranks()
 distributed.join_group(r)
 distributed.bind_device(r, "cpu", "test")
-tuner = build_finetuner(Manifest.load(job["manifest"]), FinetuneParams(**job["params"]), job["ckpt"])
+tuner = build_finetuner(Manifest.load(job["manifest"]), TextFinetuneParams(**job["params"]), job["ckpt"])
 try:
     tuner.train(log=lambda *_: None, stop_after_steps=job["stop"])
 except InterruptTraining:
@@ -331,4 +335,4 @@ def test_the_finetune_stage_runs_itself_under_torchrun(tiny_bert, sample_manifes
     meta = json.loads((project / "models/sample/t/best/checkpoint.json").read_text())
     single = {**{k: v for k, v in teacher.items() if k != "procs"}, "batch_size": 8}
     # 2 processes x 4 is the run of 1 x 8
-    assert meta["fingerprint"] == TextFinetuner(sample_manifest, FinetuneParams(**single), tmp_path / "one").fingerprint
+    assert meta["fingerprint"] == TextFinetuner(sample_manifest, TextFinetuneParams(**single), tmp_path / "one").fingerprint

@@ -11,8 +11,9 @@ from heads.registry import build_head
 from heads.dialoguetrm import GATE, MGIF, Discriminator, conv_context_mask, context_free_mask
 from heads.matav import TAVAlignment, mec_term
 from heads.telme import ASF, dist_loss, feature_kd_loss
-from test_trainer import overfit, store_from, synthetic_manifest, train_steps
+from conftest import overfit, train_steps
 from heads.data import CachedDialogues
+from conftest import head_and_batch, HEADS, three_modality_data
 
 
 def test_conv_context_mask_is_table1():
@@ -60,10 +61,17 @@ def test_feature_kd_loss_hand_computed():
     sn = s / np.linalg.norm(s, axis=1, keepdims=True)
     tn = t / np.linalg.norm(t, axis=1, keepdims=True)
     tau = 0.5
-    p, q = np_softmax(tn @ tn.T / tau), np_softmax(sn @ tn.T / tau)
-    expected = np.mean(np.sum(p * np.log(p / q), axis=1))
-    assert float(feature_kd_loss(torch.tensor(s), torch.tensor(t), tau)) == pytest.approx(expected, rel=1e-6)
-    assert float(feature_kd_loss(torch.tensor(t), torch.tensor(t), tau)) == pytest.approx(0.0, abs=1e-7)
+    p = np_softmax(tn @ tn.T / tau)
+    for rows, m_prime in (("teacher", tn @ sn.T), ("student", sn @ tn.T)):   # M' = T S^T (code) | S T^T
+        q = np_softmax(m_prime / tau)
+        expected = np.mean(np.sum(p * np.log(p / q), axis=1))
+        assert float(feature_kd_loss(torch.tensor(s), torch.tensor(t), tau, rows)) == pytest.approx(expected, rel=1e-6)
+        assert float(feature_kd_loss(torch.tensor(t), torch.tensor(t), tau, rows)) == pytest.approx(0.0, abs=1e-7)
+    # the default is the public code's orientation, and the two differ on this input (the test can fail)
+    assert float(feature_kd_loss(torch.tensor(s), torch.tensor(t), tau)) == \
+        float(feature_kd_loss(torch.tensor(s), torch.tensor(t), tau, "teacher"))
+    assert abs(float(feature_kd_loss(torch.tensor(s), torch.tensor(t), tau, "student")) -
+               float(feature_kd_loss(torch.tensor(s), torch.tensor(t), tau, "teacher"))) > 1e-3
 
 
 def test_mec_term_with_a_queue_hand_computed():
@@ -168,15 +176,6 @@ def test_matav_trains_on_a_batch_larger_than_its_queue(tmp_path):
     assert torch.isfinite(loss) and "mec" in parts
 
 
-def head_and_batch(tmp_path, name, **options):
-    m, data = three_modality_data(tmp_path)
-    torch.manual_seed(0)
-    head = build_head(name, {k: data.dim(k) for k in data.modalities}, 3, "categorical",
-                      {**HEADS.get(name, {}), **options})
-    head.prepare(data)
-    return head.eval(), data.batch(m.dialogues("train")[:4])
-
-
 def perturbed(batch, modality, where, scale=5.0):
     b = copy.deepcopy(batch)
     g = torch.Generator().manual_seed(1)
@@ -195,6 +194,9 @@ def test_a_masked_modality_changes_no_output(tmp_path, name):
         assert torch.equal(head(perturbed(batch, "audio", masked)), out)
         # the same perturbation of valid audio does change the output (the test can fail)
         assert (head(perturbed(batch, "audio", batch.valid["audio"])) - out).abs().max() > 1e-4
+
+
+# the stricter check, perturbing the PARAMETERS that process a masked modality: tests/test_fidelity.py
 
 
 def grad_names(head, batch):
@@ -272,30 +274,21 @@ def test_telme_concat_fusion_has_no_asf(tmp_path):
     assert not hasattr(head, "asf")
 
 
-def test_telme_paper_defaults_are_table_9():
-    dims = {"text": 12, "audio": 4, "visual": 4}
-    table9 = {"iemocap": (0.1, 1.0, 4.0, 1.0, 0.01, 0.2, 4), "meld": (1.0, 1.0, 2.0, 1.0, 0.1, 0.1, 3)}
-    for preset, (alpha, beta, tau_r, tau_f, theta, dropout, heads) in table9.items():
-        h = build_head("telme", dims, 3, "categorical", {"paper_defaults": preset})
-        assert (h.alpha, h.beta, h.tau_r, h.tau_f, h.asf.theta) == (alpha, beta, tau_r, tau_f, theta)
-        assert h.asf.dropout.p == dropout and h.asf.attention.dropout == dropout
-        assert h.asf.attention.num_heads == heads
-
-
 def test_asf_lambda_is_capped():
-    asf = ASF(6, 2, heads=2, theta=1e6, dropout=0.0)
+    asf = ASF(6, 2, heads=2, theta=1e6, dropout=0.0, structure="equations")
     f_t = torch.randn(3, 6)
     z = asf(f_t, [torch.randn(3, 6), torch.randn(3, 6)])
     # theta huge: lambda = 1, so Z = F_T + H exactly
     s = torch.stack([torch.randn(3, 6)] * 2, 1)
-    asf_small = ASF(6, 2, heads=2, theta=0.0, dropout=0.0)
+    asf_small = ASF(6, 2, heads=2, theta=0.0, dropout=0.0, structure="equations")
     assert torch.allclose(asf_small(f_t, [s[:, 0], s[:, 1]]), f_t)    # theta 0: no shift
     assert z.shape == (3, 6)
 
 
 def test_asf_hand_computed():
-    """Eq. 16-19 on 2-d vectors with one attention head, every weight set by hand."""
-    asf = ASF(2, 2, heads=1, theta=0.5, dropout=0.0).eval()
+    """Eq. 16-19 as printed (`structure="equations"`) on 2-d vectors with one attention head, every weight set
+    by hand. The public code's structure (norms, one concatenated token): tests/test_fidelity.py."""
+    asf = ASF(2, 2, heads=1, theta=0.5, dropout=0.0, structure="equations").eval()
     w_qkv = torch.tensor([[1.0, 0], [0, 1], [0.5, 0], [0, -1], [1, 1], [0, 2]])
     w_o, w1, w2 = torch.tensor([[1.0, 0.5], [0, 1]]), torch.arange(12.0).reshape(2, 6) / 10 - 0.3, \
         torch.tensor([[1.0, 0, -1, 0.5], [0.2, 0.3, 0, 1]])
@@ -348,26 +341,6 @@ def test_discriminator_hand_computed():
     assert torch.allclose(d(o)[0], torch.tensor([h[0] + 2 * h[1] + 0.5, -h[0] + 0.5]))   # eq. 18: W^C h
 
 
-HEADS = {
-    "dialoguetrm": {"d_model": 32, "intra_layers": 1, "intra_heads": 2, "inter_layers": 1, "inter_heads": 2,
-                    "window": 3, "dropout": 0.0},
-    "telme": {"heads": 2, "dropout": 0.0},
-    "matav": {"d_model": 32, "attention_layers": 1, "heads": 2, "queue_size": 16, "temperature": 0.1, "dropout": 0.0,
-              "mec_symmetric": True},   # as written (eq. 5) g_v gets no gradient: see heads/matav.py
-}
-
-
-def three_modality_data(tmp_path, dims=False):
-    m = synthetic_manifest(n_dialogues=10, turns=6, dims=dims)
-    rng = np.random.default_rng(0)
-    emb = {u: rng.normal(size=12) for u in m.utt_ids}
-    valid = np.arange(len(m)) % 4 != 1
-    stores = {"text": store_from(m, tmp_path / "t.h5", lambda r: emb[r["utt_id"]][:8], 8),
-              "audio": store_from(m, tmp_path / "a.h5", lambda r: emb[r["utt_id"]][4:], 8, valid=valid),
-              "visual": store_from(m, tmp_path / "v.h5", lambda r: emb[r["utt_id"]][::2], 6)}
-    return m, CachedDialogues(m, stores)
-
-
 @pytest.mark.parametrize("name", list(HEADS))
 @pytest.mark.parametrize("task", ["categorical", "dimensional"])
 def test_head_overfits_a_tiny_batch(tmp_path, name, task):
@@ -418,14 +391,16 @@ def test_dialoguetrm_ablations_run(tmp_path, fusion):
 
 
 def test_telme_paper_defaults_and_explicit_options():
-    head = build_head("telme", {"text": 6, "audio": 4}, 3, "categorical", {"paper_defaults": "iemocap", "theta": 0.5})
-    assert (head.alpha, head.tau_r, head.asf.theta) == (0.1, 4.0, 0.5)   # Table 9 IEMOCAP, theta overridden
+    head = build_head("telme", {"text": 8, "audio": 4}, 3, "categorical", {"paper_defaults": "iemocap", "theta": 0.5})
+    assert (head.alpha, head.tau_r, head.asf.theta) == (0.1, 2.0, 0.5)   # the public code's IEMOCAP, theta overridden
     with pytest.raises(ValueError, match="no paper_defaults 'avec'"):
-        build_head("telme", {"text": 6, "audio": 4}, 3, "categorical", {"paper_defaults": "avec"})
+        build_head("telme", {"text": 8, "audio": 4}, 3, "categorical", {"paper_defaults": "avec"})
 
 
 @pytest.mark.parametrize("options", [{"response": False, "feature": False, "fusion": "concat"},
-                                     {"paper_defaults": "iemocap"}, {"paper_defaults": "meld"}])
+                                     {"paper_defaults": "iemocap"}, {"paper_defaults": "meld", "teacher_dim": 12},
+                                     {"paper_defaults": "meld_table", "asf": "equations", "kd_rows": "student",
+                                      "teacher_dim": 12}])
 def test_telme_ablations_run(tmp_path, options):
     m, data = three_modality_data(tmp_path)
     head = build_head("telme", {k: data.dim(k) for k in data.modalities}, 3, "categorical", options)

@@ -41,7 +41,9 @@ def project(tmp_path_factory, sample_manifest, tiny_bert):
     """data/{manifest,media,features}/sample + models/sample/teacher + params.yaml, built by the library."""
     from pipeline.encoders import build_encoder
     from pipeline.extract import extract
-    from pipeline.finetune import FinetuneParams, TextFinetuner, write_teacher_store
+    from pipeline.configs import TextFinetuneParams
+    from pipeline.finetune.kinds import TextFinetuner
+    from pipeline.finetune.store_writer import write_store
     from pipeline.manifest import Manifest
     from pipeline.media import decode_dataset
     from pipeline.params import DecodeParams, from_dict
@@ -60,10 +62,10 @@ def project(tmp_path_factory, sample_manifest, tiny_bert):
     params = write_params(root / "params.yaml", raw)
     for name, cfg in encoders(tiny_bert).items():
         extract(manifest, build_encoder(name, cfg), data / f"features/sample/{name}.h5", data / "media/sample.h5")
-    tuner = TextFinetuner(manifest, from_dict(FinetuneParams, teacher_params(tiny_bert), "finetune.teacher"),
+    tuner = TextFinetuner(manifest, from_dict(TextFinetuneParams, teacher_params(tiny_bert), "finetune.teacher"),
                           root / "models/sample/teacher")
     tuner.save("best")   # no training needed: the store's provenance is what is checked
-    write_teacher_store(tuner, "teacher", data / "features/sample/teacher.h5")
+    write_store(tuner, "teacher", data / "features/sample/teacher.h5")
     return {"root": root, "data": data, "params": params, "raw": raw, "manifest": manifest}
 
 
@@ -232,15 +234,17 @@ def test_without_params_rows_still_show(project, tmp_path, monkeypatch):
 def test_planned_provenance_is_the_encoders_own(project, tiny_bert):
     """The model-free provenance equals what the loaded encoder reports (so a fresh store stays fresh)."""
     from pipeline.encoders import build_encoder
-    from pipeline.finetune import FinetuneParams, TeacherEncoder, TextFinetuner
+    from pipeline.configs import TextFinetuneParams
+    from pipeline.finetune.kinds import TextFinetuner
+    from pipeline.finetune.store_writer import FinetunedTextEncoder
     from pipeline.params import from_dict
 
     for name, cfg in encoders(tiny_bert).items():
         assert json.dumps(planned_provenance(name, cfg), sort_keys=True, default=str) == \
             json.dumps(build_encoder(name, cfg).provenance(), sort_keys=True, default=str), name
-    p = from_dict(FinetuneParams, teacher_params(tiny_bert), "finetune.teacher")
+    p = from_dict(TextFinetuneParams, teacher_params(tiny_bert), "finetune.teacher")
     ckpt = project["root"] / "models/sample/teacher"
-    real = TeacherEncoder("teacher", TextFinetuner(project["manifest"], p, ckpt), ckpt / "best").provenance()
+    real = FinetunedTextEncoder("teacher", TextFinetuner(project["manifest"], p, ckpt), ckpt / "best").provenance()
     planned = planned_teacher_provenance("teacher", teacher_params(tiny_bert), str(ckpt / "best"),
                                          project["manifest"].meta.labels)
     assert json.dumps(planned, sort_keys=True, default=str) == json.dumps(real, sort_keys=True, default=str)
@@ -276,8 +280,8 @@ def test_int8_store_fresh_and_stale_on_precision(project, tmp_path, tiny_bert):
 
 def test_planned_provenance_of_the_other_transformers_kinds(tmp_path):
     """hf_audio (sample rate from the processor; int8 layer count), hf_video (num_frames), visextnet."""
-    from test_audio_encoders import save_tiny_speech_model
-    from test_visual_encoders import save_tiny_timesformer
+    from conftest import save_tiny_speech_model
+    from conftest import save_tiny_timesformer
     from transformers import ResNetConfig, ResNetForImageClassification
 
     from pipeline.encoders import build_encoder

@@ -14,10 +14,10 @@ from pipeline.extract import extract, extract_inputs, run_fingerprint
 from pipeline.manifest import Manifest, ManifestMeta
 from pipeline.params import ParamsError
 from pipeline.store import FeatureStore, fingerprint
-from test_audio_encoders import save_tiny_speech_model
-from test_heads import HEADS
-from test_trainer import overfit, store_from, synthetic_manifest
-from test_visual_encoders import save_tiny_timesformer
+from conftest import save_tiny_speech_model
+from conftest import HEADS
+from conftest import overfit, store_from, synthetic_manifest
+from conftest import save_tiny_timesformer
 
 
 # --- all-layer stores -------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_a_one_layer_head_refuses_layered_features(tmp_path):
 @pytest.mark.parametrize("name", list(ALL_HEADS))
 def test_a_one_layer_store_builds_the_head_as_before(tmp_path, name):
     """No several-layer store: no mix, no new parameters or state, the batch passes `mix` untouched."""
-    from test_heads import three_modality_data
+    from conftest import three_modality_data
 
     m, data = three_modality_data(tmp_path)
     head = build_head(name, {k: data.dim(k) for k in data.modalities}, 3, "categorical", ALL_HEADS[name])
@@ -355,7 +355,7 @@ def test_the_train_stage_writes_the_layer_weights_and_predict_reproduces_it(tmp_
     import yaml
 
     from conftest import REPO
-    from pipeline.predict import load_model
+    from ercflow.model import load_model
     from stages import train
 
     words = "happy sad cake letter monday great furious love lost okay".split()

@@ -1,14 +1,11 @@
-import wave
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from pipeline.datasets.sample import write_mp4
-from pipeline.manifest import Manifest, ManifestMeta
 from pipeline.media import MediaError, decode_dataset, frame_indices
 from pipeline.params import DecodeParams
 from pipeline.store import MediaStore
+from conftest import bad_media_manifest
 
 
 def test_sample_media_store(sample_manifest, sample_media):
@@ -25,36 +22,6 @@ def test_sample_media_store(sample_manifest, sample_media):
 def test_frame_indices_uniform_and_repeating():
     assert frame_indices(0, 9, 4).tolist() == [0, 3, 6, 9]
     assert frame_indices(5, 6, 4).tolist() == [5, 5, 6, 6]
-
-
-def write_wav(path, x, sr=16000):
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
-
-
-def bad_media_manifest(root):
-    """Good clip, corrupt mp4, missing clip, mp4 without audio track, a long clip, and a shared wav/mp4 cut by span."""
-    frames = np.full((24, 32, 32, 3), 100, np.uint8)
-    t = np.arange(16000 * 2) / 16000
-    tone = 0.3 * np.sin(2 * np.pi * 220 * t).astype(np.float32)
-    write_mp4(root / "good.mp4", frames, 12, tone, 16000)
-    (root / "corrupt.mp4").write_bytes((root / "good.mp4").read_bytes()[:2000])
-    write_mp4(root / "silent_track.mp4", frames, 12, None, 16000)
-    write_mp4(root / "long.mp4", np.full((12 * 6, 32, 32, 3), 50, np.uint8), 12,
-              np.tile(tone, 3), 16000)
-    two = np.concatenate([0.5 * np.ones(16000, np.float32), -0.25 * np.ones(16000, np.float32)])
-    write_wav(root / "dialog.wav", two)
-    rows = [("good", "good.mp4", "good.mp4", None, None), ("corrupt", "corrupt.mp4", "corrupt.mp4", None, None),
-            ("missing", "nope.mp4", "nope.mp4", None, None), ("notrack", "silent_track.mp4", "silent_track.mp4", None, None),
-            ("long", "long.mp4", "long.mp4", None, None),
-            ("part1", "long.mp4", "dialog.wav", 0.0, 1.0), ("part2", "long.mp4", "dialog.wav", 1.0, 2.0)]
-    df = pd.DataFrame([{"utt_id": u, "dataset": "t", "split": "train", "dialogue_id": f"d{i}", "turn": 0,
-                        "speaker": "A", "text": "x", "label": "a", "video": v, "audio": a, "start": s, "end": e}
-                       for i, (u, v, a, s, e) in enumerate(rows)])
-    return Manifest(df, ManifestMeta(dataset="t", root=str(root), labels=["a"]))
 
 
 def test_bad_media_is_masked_and_reported(tmp_path):

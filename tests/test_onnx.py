@@ -12,8 +12,8 @@ from pipeline.encoders import build_encoder
 from pipeline.extract import extract, extract_inputs, run_fingerprint
 from pipeline.params import ParamsError
 from pipeline.store import FeatureStore, MediaStore
-from tests.test_audio_encoders import save_tiny_speech_model
-from tests.test_visual_encoders import save_tiny_timesformer
+from conftest import save_tiny_speech_model
+from conftest import save_tiny_timesformer
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -159,7 +159,7 @@ def test_predict_on_a_gpu_keeps_an_onnx_encoder_on_the_cpu(tiny_bert):
     CPU with ONNX Runtime (the features the head was trained on), not refused for the device."""
     from types import SimpleNamespace
 
-    from pipeline.predict import Model
+    from ercflow.model import Model
 
     trained = build_encoder("t", {"kind": "hf_text", "weights": tiny_bert, "device": "cpu", "pooling": "mean",
                                   "runtime": "onnx"})

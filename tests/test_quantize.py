@@ -8,8 +8,8 @@ from pipeline.extract import extract
 from pipeline.runtime import compute_precision, quantize_linear_int8
 from pipeline.params import ParamsError
 from pipeline.store import FeatureStore
-from tests.test_audio_encoders import save_tiny_speech_model
-from tests.test_visual_encoders import save_tiny_timesformer
+from conftest import save_tiny_speech_model
+from conftest import save_tiny_timesformer
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

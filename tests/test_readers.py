@@ -15,7 +15,7 @@ from pipeline.media import (DecordReader, MediaError, PyAVReader, decode_dataset
                             resample_audio)
 from pipeline.params import DecodeParams
 from pipeline.store import MediaStore
-from test_media import bad_media_manifest, write_wav
+from conftest import bad_media_manifest, write_wav
 
 P = dict(frames=4, size=32, chunk_size=8)
 
@@ -215,7 +215,7 @@ def test_pyav_frames_by_index_match_a_sequential_decode_with_b_frames(tmp_path):
 
 
 def test_auto_reads_audio_with_pyav_where_decord_imports(tmp_path):
-    """decord's AudioReader keeps every file's decoded audio (DESIGN.md, known traps): `auto` takes decord's
+    """decord's AudioReader keeps every file's decoded audio (docs/design.md, known traps): `auto` takes decord's
     video and PyAV's audio."""
     pytest.importorskip("decord")
     reader = pick_reader("auto")

@@ -1,4 +1,4 @@
-"""The trust boundary (DESIGN.md): what arrives through the DVC remote is data. Nothing in it is unpickled
+"""The trust boundary (docs/security.md): what arrives through the DVC remote is data. Nothing in it is unpickled
 or executed; a damaged, foreign or half-written file fails with an error naming it and what to do; a full
 disk is one clear error that leaves no temp file and keeps finished work, so a re-run resumes."""
 import errno
@@ -23,11 +23,13 @@ from conftest import REPO
 from heads.registry import build_head
 from heads.bundle import BundleError, load_head, load_trained_head, save_head
 from heads.data import CachedDialogues
-from pipeline.finetune import CheckpointError, FinetuneParams, TextFinetuner
+from pipeline.configs import TextFinetuneParams
+from pipeline.finetune.checkpoint import CheckpointError
+from pipeline.finetune.kinds import TextFinetuner
 from pipeline.store import DiskFullError, FeatureStore, StoreError, atomic_write_text
-from test_store import CountingEncoder
-from test_store import run as extract_counting
-from test_trainer import store_from, synthetic_manifest
+from conftest import CountingEncoder
+from conftest import extract_counting
+from conftest import store_from, synthetic_manifest
 
 
 class Payload:
@@ -55,7 +57,7 @@ def test_the_payload_is_live(tmp_path):
 
 # -- fine-tune checkpoints ---------------------------------------------------------------------------------
 def ft_params(tiny_bert, **kw):
-    return FinetuneParams(**{**dict(weights=tiny_bert, context_window=3, max_length=48, lr=2e-3, warmup_steps=2,
+    return TextFinetuneParams(**{**dict(weights=tiny_bert, context_window=3, max_length=48, lr=2e-3, warmup_steps=2,
                                     epochs=1, batch_size=8, device="cpu", dropout=0.0, save_every_steps=0), **kw})
 
 
@@ -150,7 +152,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_old_checkpoint(checkpoints, t
         Path(filename).write_bytes(b"\0" * 10)   # half a file, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
-    monkeypatch.setattr("pipeline.finetune.save_file", full)
+    monkeypatch.setattr("pipeline.finetune.checkpoint.save_file", full)
     with pytest.raises(DiskFullError) as e:
         tuner.save("best")
     msg = str(e.value)
@@ -230,7 +232,7 @@ def test_a_pickled_or_old_head_file_is_refused_and_never_runs(tmp_path):
 
 def test_predict_refuses_a_pickled_model_and_never_runs_it(tmp_path):
     """What `ercflow predict --model` and `load_model` read is a bundle: a pickle there is refused by name."""
-    from pipeline.predict import load_model
+    from ercflow.model import load_model
 
     marker = tmp_path / "pwned"
     for f in (tmp_path / "model.safetensors", tmp_path / "model.pt"):

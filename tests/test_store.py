@@ -6,49 +6,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from conftest import REPO
-from pipeline.encoders import Encoder, register
-from pipeline.extract import extract
 from pipeline.store import FeatureStore, MediaStore, StoreError, what_to_do
-
-
-@dataclass
-class CountingConfig:
-    dim: int = 3
-
-
-@register
-class CountingEncoder(Encoder):
-    """Deterministic fake text encoder that counts its calls."""
-    kind = "test_counting"
-    modality = "text"
-    needs_media = False
-    Config = CountingConfig
-    calls = 0
-    fail_on_call = -1    # raise on this call (a crash half-way); not config, so the fingerprint stays
-    sleep = 0.0
-
-    @property
-    def dim(self):
-        return self.config.dim
-
-    def encode(self, rows, manifest, media=None):
-        type(self).calls += 1
-        if type(self).calls == type(self).fail_on_call:
-            raise KeyboardInterrupt("simulated kill")
-        time.sleep(type(self).sleep)
-        x = np.array([[len(t), i, self.config.dim] for i, t in zip(rows.index, rows["text"])], np.float32)
-        return {"pooled": x, "valid": np.ones(len(rows), bool)}, []
-
-
-def run(manifest, path, fail_on_call=-1, **cfg):
-    CountingEncoder.calls, CountingEncoder.fail_on_call = 0, fail_on_call
-    return extract(manifest, CountingEncoder("count", CountingConfig(**cfg)), path, chunk_size=4)
+from conftest import CountingConfig, CountingEncoder, extract_counting as run
 
 
 def test_interrupted_extraction_resumes_from_finished_chunks(sample_manifest, tmp_path):
@@ -85,7 +49,7 @@ def test_sigkill_half_way_then_resume(sample_manifest, tmp_path):
     script = textwrap.dedent(f"""
         import sys, json
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
-        from test_store import CountingEncoder, CountingConfig
+        from conftest import CountingEncoder, CountingConfig
         from pipeline.extract import extract
         from pipeline.manifest import Manifest
         m = Manifest.load({str(tmp_path / 'manifest')!r})

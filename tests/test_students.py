@@ -13,14 +13,16 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from heads.telme import PAPER_DEFAULTS, dist_loss, feature_kd_loss
+from heads.telme_students import TelmeStudent, student_loss, telme_weights
 from pipeline.configs import AudioFinetuneParams, FinetuneBase, VideoFinetuneParams
-from pipeline.distil import TelmeStudent, student_loss, telme_weights
 from pipeline.encoders import Encoder, build_encoder
 from pipeline.extract import extract
-from pipeline.finetune import (AudioFinetuner, CheckpointError, InterruptTraining, VideoFinetuner, build_finetuner,
-                               write_store)
+from pipeline.finetune.checkpoint import CheckpointError
+from pipeline.finetune.kinds import AudioFinetuner, VideoFinetuner, build_finetuner
+from pipeline.finetune.loop import InterruptTraining
+from pipeline.finetune.store_writer import write_store
 from pipeline.store import FeatureStore
-from test_visual_encoders import save_tiny_timesformer
+from conftest import save_tiny_timesformer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -268,7 +270,7 @@ def test_params_of_students(tmp_path):
     params_with_students(tmp_path)
     assert check_params(tmp_path / "params.yaml") == []
     loaded = load_params(tmp_path / "params.yaml")
-    assert isinstance(loaded.finetuned("audio_student"), AudioFinetuneParams)
+    assert isinstance(loaded.finetune_entry("audio_student"), AudioFinetuneParams)
     assert loaded.store_modality("audio_student") == "audio" and loaded.store_modality("teacher_minilm") == "text"
     cases = [({"teachers": ["teacher_minilm", "audio_student"], "distil": {"teacher": "teacher_minilm", "students": []}},
               "teachers[1]: 'audio_student' is a hf_audio fine-tune: list it in distil.students"),
@@ -299,7 +301,7 @@ def test_a_teacher_rerun_marks_its_students_and_the_telme_head_stale(tmp_path, m
     import shutil
 
     from conftest import REPO
-    from test_dvc_pipeline import ENV, project_files
+    from conftest import ENV, project_files
 
     root = tmp_path / "proj"
     for f in project_files():
@@ -336,7 +338,7 @@ def test_a_teacher_rerun_marks_its_students_and_the_telme_head_stale(tmp_path, m
     for head in ("text_mlp", "telme"):
         stand_ins += [f"models/toy/{head}.safetensors", f"data/inputs/toy/{head}.json"] + [
             f"results/toy/{head}/{f}" for f in ("predictions_dev.csv", "metrics.json", "curves.csv", "confusion.png",
-                                               "predictions_test.csv")]
+                                               "predictions_test.csv", "runs/official-s0/done.json")]
     for f in stand_ins:
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         (root / f).write_text(f)
@@ -375,7 +377,7 @@ def test_predict_rebuilds_a_student_from_its_checkpoint(data, d2v, teacher_store
     from heads.fit import fit_head, save_trained_head
     from pipeline import UserError
     from pipeline.params import HeadParams, TrainerParams
-    from pipeline.predict import load_model
+    from ercflow.model import load_model
 
     d, manifest, media = data
     monkeypatch.chdir(tmp_path)

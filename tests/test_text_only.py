@@ -105,7 +105,7 @@ def test_a_text_only_dataset_through_dvc_repro(tmp_path):
     import yaml
 
     from conftest import REPO
-    from test_dvc_pipeline import ENV, project_files
+    from conftest import ENV, project_files
 
     root = tmp_path / "proj"
     for f in project_files():

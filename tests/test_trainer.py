@@ -6,46 +6,9 @@ import torch
 from heads.registry import build_head
 from heads.data import IGNORE, CachedDialogues
 from heads.trainer import train_head
-from pipeline.encoders import Encoder
-from pipeline.extract import extract
-from pipeline.manifest import Manifest, ManifestMeta
+from pipeline.manifest import Manifest
 from pipeline.params import TrainerParams
-
-
-def synthetic_manifest(n_dialogues=12, turns=5, seed=0, dims=False):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for d in range(n_dialogues):
-        split = "train" if d < n_dialogues * 0.6 else "dev" if d < n_dialogues * 0.8 else "test"
-        for t in range(int(rng.integers(2, turns + 1))):
-            r = {"utt_id": f"d{d}u{t}", "dataset": "syn", "split": split, "dialogue_id": f"d{d}", "turn": t,
-                 "speaker": "AB"[t % 2], "text": f"t{d}-{t}", "label": "abc"[int(rng.integers(3))]}
-            if dims:
-                r["valence"], r["arousal"] = float(rng.normal()), float(rng.normal())
-            rows.append(r)
-    return Manifest(pd.DataFrame(rows), ManifestMeta("syn", ".", ["a", "b", "c"], ["valence", "arousal"] if dims else []))
-
-
-def store_from(manifest, path, fn, dim, valid=None, layers=None):
-    """A feature store whose pooled row is fn(manifest row) ([dim], or [len(layers), dim] with the store's
-    `layers` attribute when `layers` is given)."""
-    class Fn(Encoder):
-        kind, modality, needs_media = "test_fn", "text", False
-        Config = type("C", (), {})
-
-        @property
-        def dim(self):
-            return dim
-
-        def provenance(self):
-            return {"encoder": "fn"} if layers is None else {"encoder": "fn", "layers": list(layers)}
-
-        def encode(self, rows, m, media=None):
-            ok = np.ones(len(rows), bool) if valid is None else valid[rows.index.to_numpy()]
-            return {"pooled": np.stack([fn(r) for _, r in rows.iterrows()]).astype(np.float32), "valid": ok}, []
-
-    extract(manifest, Fn("fn", None), path)
-    return str(path)
+from conftest import synthetic_manifest, store_from, overfit
 
 
 def test_batches_pad_and_mask(tmp_path):
@@ -67,31 +30,6 @@ def test_nan_features_are_masked_not_propagated(tmp_path):
     data = CachedDialogues(m, {"text": path})
     assert np.isfinite(data.features["text"]).all()
     assert (~data.valid["text"]).sum() == (m.rows["turn"] == 1).sum()
-
-
-def train_steps(head, batch, steps, lr=3e-3):
-    """Adam on one batch for `steps` steps; the head is left in eval mode."""
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    head.train()
-    for _ in range(steps):
-        loss, _ = head.loss(batch, head(batch))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return head.eval()
-
-
-def overfit(head, batch, steps=300, lr=1e-2):
-    """Train on one batch only; return train accuracy (or mean r) on that batch."""
-    train_steps(head, batch, steps, lr)
-    with torch.no_grad():
-        out = head(batch)
-    if head.task == "categorical":
-        keep = batch.labels != IGNORE
-        return float((out.argmax(-1)[keep] == batch.labels[keep]).float().mean())
-    ok = torch.isfinite(batch.dims) & batch.mask[..., None]
-    return float(np.mean([np.corrcoef(out[..., k][ok[..., k]], batch.dims[..., k][ok[..., k]])[0, 1]
-                          for k in range(batch.dims.shape[-1])]))
 
 
 def two_modality_data(tmp_path, task):

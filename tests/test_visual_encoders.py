@@ -4,17 +4,7 @@ import pytest
 from pipeline.encoders import build_encoder
 from pipeline.extract import extract
 from pipeline.store import FeatureStore, MediaStore
-
-
-def save_tiny_timesformer(path) -> str:
-    import torch
-    from transformers import TimesformerConfig, TimesformerModel, VideoMAEImageProcessor
-
-    torch.manual_seed(0)
-    TimesformerModel(TimesformerConfig(image_size=32, patch_size=16, num_frames=3, hidden_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
-    VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
+from conftest import save_tiny_timesformer
 
 
 @pytest.fixture(scope="module")

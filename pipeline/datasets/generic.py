@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.datasets.base import ADAPTERS
 from pipeline.manifest import DIMENSIONS, Manifest, ManifestError, ManifestMeta
 from pipeline.params import DatasetParams
 from pipeline.problems import Problem
@@ -52,6 +53,7 @@ def missing_media(df: pd.DataFrame, root: str | Path | None) -> list[Problem]:
     return problems
 
 
+@ADAPTERS.register("generic")
 def build(name: str, params: DatasetParams, drop_columns: tuple[str, ...] = ()):
     if not params.manifest:
         raise ManifestError(f"data.{name}: the generic adapter needs 'manifest' (a CSV or JSONL path)")

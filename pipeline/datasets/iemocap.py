@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.datasets.base import ADAPTERS
 from pipeline.datasets.generic import missing_media
 from pipeline.manifest import Manifest, ManifestError, ManifestMeta
 from pipeline.params import DatasetParams
@@ -48,6 +49,7 @@ def read_transcription(path: Path) -> dict[str, str]:
     return out
 
 
+@ADAPTERS.register("iemocap")
 def build(name: str, params: DatasetParams):
     if not params.root:
         raise ManifestError(f"data.{name}: the IEMOCAP adapter needs 'root' (the IEMOCAP_full_release folder)")

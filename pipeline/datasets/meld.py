@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.datasets.base import ADAPTERS
 from pipeline.datasets.generic import missing_media
 from pipeline.manifest import Manifest, ManifestError, ManifestMeta
 from pipeline.params import DatasetParams
@@ -60,6 +61,7 @@ def read_split(path: Path, split: str, media: bool = True) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@ADAPTERS.register("meld")
 def build(name: str, params: DatasetParams):
     root = params.root
     if not (params.csv_dir or root):

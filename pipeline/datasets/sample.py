@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.datasets.base import ADAPTERS
 from pipeline.params import DatasetParams, SampleParams
 
 LABELS = ["neutral", "joy", "sadness", "anger"]
@@ -91,6 +92,7 @@ def generate(out_dir: str | Path, p: SampleParams) -> Path:
     return path
 
 
+@ADAPTERS.register("sample")
 def build(name: str, params: DatasetParams):
     """The sample's adapter: its JSONL is a generic manifest with a fixed label order."""
     from pipeline.datasets import generic

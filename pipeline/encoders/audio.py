@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.configs import HFAudioConfig, OpenSmileConfig
-from pipeline.encoders import Encoder, HFEncoder, register
+from pipeline.encoders.base import Encoder, HFEncoder, register
 from pipeline.encoders.layers import HiddenLayers
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
@@ -52,8 +52,6 @@ def process_smile(feature_set: str):
 class OpenSmileEncoder(Encoder):
     """openSMILE functionals per utterance. openSMILE runs one signal per call on one core, so utterances
     are spread over worker processes, each with its own extractor and media store handle."""
-    kind = "opensmile"
-    modality = "audio"
     needs_media = True
     Config = OpenSmileConfig
 
@@ -121,8 +119,6 @@ class HFAudioEncoder(HiddenLayers, HFEncoder):
     changes a feature. `layers` keeps several hidden states, each pooled alike (SUPERB's frozen-upstream
     protocol, arXiv:2105.01051: the downstream head learns their weighted sum); `layer: k` is the older
     spelling of `layers: [k]`."""
-    kind = "hf_audio"
-    modality = "audio"
     needs_media = True
     Config = HFAudioConfig
 

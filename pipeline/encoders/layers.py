@@ -7,7 +7,7 @@
 - `[i, j, ...]`: those `hidden_states` indices (negative ones count from the end: -1 is the last layer).
 
 One layer gives `pooled` [N, D]; several give `pooled` [N, L, D] (layers in the order given), and the store's
-`layers` attribute lists the resolved indices (pipeline/store.py). Downstream, heads learn a softmax-weighted
+`layers` attribute lists the resolved indices (pipeline/store/). Downstream, heads learn a softmax-weighted
 sum of the layers (heads/layers.py, as SUPERB does: arXiv:2105.01051).
 
 An entry of `hidden_states` is what transformers returns there. For BERT-like models and most speech models

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.configs import Cnn3dConfig, HFVideoConfig, VisExtNetConfig
-from pipeline.encoders import Encoder, HFEncoder, register
+from pipeline.encoders.base import Encoder, HFEncoder, register
 from pipeline.encoders.layers import HiddenLayers
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
@@ -54,8 +54,6 @@ class C3D(nn.Module):
 
 @register
 class Cnn3dEncoder(Encoder):
-    kind = "cnn3d"
-    modality = "visual"
     needs_media = True
     Config = Cnn3dConfig
 
@@ -110,8 +108,6 @@ class HFVideoEncoder(HiddenLayers, HFEncoder):
     The model's `num_frames` frames are taken uniformly from the store's canonical frames and prepared by
     the model's own image processor (resize, crop, normalise). `layers` keeps several hidden states, each
     pooled alike (as transformers reports them: before the final LayerNorm that `last` includes)."""
-    kind = "hf_video"
-    modality = "visual"
     needs_media = True
     Config = HFVideoConfig
 
@@ -162,8 +158,6 @@ class VisExtNetEncoder(HFEncoder):
     Frames without a face are left out of the average and counted in the stage summary; an utterance with no
     face in any frame is masked. MultiEMO's VGGFace2 weights are no longer published: give the classifier
     (e.g. a ResNet-101 with a 1000-way head, in transformers' format) as `weights`."""
-    kind = "visextnet"
-    modality = "visual"
     needs_media = True
     Config = VisExtNetConfig
 

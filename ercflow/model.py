@@ -1,5 +1,6 @@
-"""Predict: a trained head (its model bundle) run on new conversations. The pipeline run on a table instead of
-a dataset, through the very functions the stages call:
+"""A trained head (its model bundle) run on new conversations: `load_model(path).predict(table)`, the library
+behind `ercflow predict` (ercflow/predict.py). The pipeline run on a table instead of a dataset, through the
+very functions the stages call:
 
     table (CSV/TSV/JSONL, or a DataFrame: dialogue_id, turn, speaker, text [, utt_id, video, audio, start, end])
       -> manifest (pipeline/manifest.py; media paths must stay inside the media root)
@@ -10,23 +11,23 @@ a dataset, through the very functions the stages call:
       -> the head over each dialogue in turn order, features standardised with the training statistics that
          the bundle keeps.
 
-The stores are written into a work dir keyed by the input, so a second call on the same input reuses them
-(each store is also checked against its fingerprint, as in the pipeline).
+The stores are written into a work dir keyed by the input (pipeline/paths.py: `predict_root`), so a second
+call on the same input reuses them (each store is also checked against its fingerprint, as in the pipeline).
+It needs both pipeline/ and heads/, so it lives a layer above them, in ercflow/.
 """
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline import UserError
+from pipeline import UserError, paths
 from pipeline.extract import extract
-from pipeline.manifest import Manifest, ManifestError, ManifestMeta
+from pipeline.manifest import Manifest, ManifestError, ManifestMeta, OutsideRootError
 from pipeline.metrics import prediction_table
-from pipeline.store import atomic_write_text, fingerprint
+from pipeline.store import atomic_write_text, fingerprint, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def conversation_manifest(df: pd.DataFrame, where: str, media_root: str | Path |
     if missing:
         raise ManifestError(f"{where}: lacks column(s) {missing}; a conversation table has "
                             f"{', '.join(INPUT_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)})")
+    if df.empty:
+        raise ManifestError(f"{where}: no utterances (the table has a header and no rows)")
     ignored = sorted(set(df.columns) - set(INPUT_COLUMNS) - set(OPTIONAL_COLUMNS))
     if ignored:
         log.info("%s: columns not used for prediction: %s", where, ", ".join(ignored))
@@ -78,11 +81,12 @@ def conversation_manifest(df: pd.DataFrame, where: str, media_root: str | Path |
     df["split"], df["dataset"] = "test", "predict"
     meta = ManifestMeta("predict", str(media_root) if media_root is not None else None, labels=list(labels),
                         allow_outside_root=allow_outside_root, unlabelled=True)
-    return Manifest(df, meta)
-
-
-def default_work_dir() -> Path:
-    return Path(os.environ.get("ERCFLOW_CACHE", Path.home() / ".cache" / "ercflow")) / "predict"
+    try:
+        return Manifest(df, meta)
+    except OutsideRootError as e:   # the manifest's advice names a params key; predict has a flag
+        raise ManifestError(f"{where}: {e.details}. Media paths must stay inside --media-root; pass "
+                            "--allow-outside-root (allow_outside_root=True in Python) only for a table you "
+                            "trust") from None
 
 
 class Model:
@@ -99,7 +103,7 @@ class Model:
         self.device = resolve_device(device)
         self.device_name = device
         self.head.to(self.device)
-        self.work_root = Path(work_dir) if work_dir is not None else default_work_dir()
+        self.work_root = Path(work_dir) if work_dir is not None else paths.predict_root()
         self.allow_weights_mismatch = allow_weights_mismatch
         recipes = self.meta.get("features") or {}
         lacking = [m for m in self.head.modalities if "encoder_kind" not in recipes.get(m, {})]
@@ -135,23 +139,23 @@ class Model:
 
             if len({fingerprint(recipes[m]["decode_config"]) for m in media}) > 1:
                 raise UserError(f"{self.path}: its media encoders read media decoded with different configs")
-            media_path = work / "media.h5"
+            media_path = paths.predict_media(work)
             summary = decode_dataset(manifest, media_path, from_dict(DecodeParams, recipes[media[0]]["decode_config"],
                                                                      "decode (from the bundle)"))
             problems += summary["problems"]
         encoders.update({m: self.encoder(m, recipes[m], manifest, media_path) for m in students})
-        paths = {}
+        store_paths = {}
         try:
             for m, enc in encoders.items():
-                out = work / "features" / f"{enc.name}-{recipes[m].get('config_hash', 'x')}.h5"
+                out = paths.predict_features(work, enc.name, recipes[m].get("config_hash", "x"))
                 summary = extract(manifest, enc, out, media_path)
                 problems += [q for q in summary["problems"] if q.get("modality") in (None, m)
                              or q.get("action") != "masked" or "decode" not in q.get("problem", "")]
-                paths[m] = str(out)
+                store_paths[m] = str(out)
         finally:
             for m in students:
                 encoders[m].tuner.close()
-        return paths, problems
+        return store_paths, problems
 
     def encoder(self, modality: str, recipe: dict, manifest: Manifest, media_path: Path | None = None):
         """The encoder that made the training store of `modality`, rebuilt from its recipe; its weights' hash
@@ -185,10 +189,10 @@ class Model:
     def checkpoint(self, recipe: dict, what: str) -> Path:
         """The fine-tune checkpoint a store was written from: its path as recorded, relative to the working
         directory or to the project the bundle lives in (`models/<dataset>/<head>.safetensors` -> the folder
-        above models/)."""
+        above models/: pipeline/paths.py)."""
         checkpoint = Path(recipe["weights"])
         if not checkpoint.is_absolute() and not checkpoint.exists():
-            checkpoint = self.path.resolve().parents[2] / checkpoint
+            checkpoint = paths.project_of_bundle(self.path) / checkpoint
         if not checkpoint.is_dir():
             raise UserError(f"{self.path}: its {what} at {recipe['weights']}, which is not here (dvc pull it, or run "
                             "from the project that has it)")
@@ -196,25 +200,43 @@ class Model:
 
     def teacher(self, name: str, recipe: dict, manifest: Manifest):
         """A fine-tuned teacher from its checkpoint."""
-        from pipeline.configs import FinetuneParams
-        from pipeline.finetune import TeacherEncoder, TextFinetuner
+        from pipeline.configs import TextFinetuneParams
+        from pipeline.finetune.kinds import TextFinetuner
+        from pipeline.finetune.store_writer import finetuned_encoder
         from pipeline.params import from_dict
 
         checkpoint = self.checkpoint(recipe, "text input is the fine-tuned teacher")
         config = {**recipe["config"], "device": self.device_name}
-        p = from_dict(FinetuneParams, config, f"teacher {name} (from the bundle)")
+        p = from_dict(TextFinetuneParams, config, f"teacher {name} (from the bundle)")
         manifest.meta.labels = list(recipe.get("labels") or self.labels)
         tuner = TextFinetuner(manifest, p, checkpoint.parent)
+        self.check_base(name, "text", recipe, tuner)
         tuner.load(checkpoint.name)
-        return TeacherEncoder(name, tuner, Path(recipe["weights"]), weights_dir=checkpoint)
+        return finetuned_encoder(name, tuner, Path(recipe["weights"]), weights_dir=checkpoint)
+
+    def check_base(self, name: str, modality: str, recipe: dict, tuner) -> None:
+        """A LoRA fine-tune (its checkpoint an adapter) runs on the base weights it was trained on: their content
+        hash here must be the recorded one (pipeline/finetune/lora.py)."""
+        want, got = recipe.get("base_weights_hash"), getattr(tuner, "base_hash", None)
+        if tuner.p.lora is None or not want or got == want:
+            return
+        msg = (f"{self.path}: encoder '{name}' ({modality}) is a LoRA adapter trained on base weights of content "
+               f"hash {want}, but {tuner.p.weights} here hashes to {got}")
+        if not self.allow_weights_mismatch:
+            raise WeightsMismatch(msg + "; use the same base weights, or --allow-weights-mismatch to go on anyway")
+        log.warning("%s (going on: --allow-weights-mismatch)", msg)
+        tuner.base_hash = want   # the adapter then loads onto these weights
 
     def student(self, modality: str, name: str, recipe: dict, manifest: Manifest, media_path: Path | None):
         """A fine-tuned audio / video encoder (stage finetune_student) from its checkpoint. The model is built
         from the checkpoint's own encoder folder (config, weights, processor), so the base weights need not be
         on this machine; its feature size is the head's input size for `modality` (a TelME student projects
         to its teacher's size)."""
-        from pipeline.configs import FINETUNE_KINDS
-        from pipeline.finetune import FinetunedEncoder, TrainedObjective, build_finetuner
+        import heads.telme_students  # noqa: F401  (registers the telme_student objective)
+        from pipeline.configs import FINETUNE_CONFIGS
+        from pipeline.finetune.kinds import build_finetuner
+        from pipeline.finetune.objectives import OBJECTIVES, TrainedObjective
+        from pipeline.finetune.store_writer import finetuned_encoder
         from pipeline.params import from_dict
 
         kind = {"finetuned_audio": "hf_audio", "finetuned_video": "hf_video"}[recipe["encoder_kind"]]
@@ -222,12 +244,17 @@ class Model:
                                              "(stage finetune_student)")
         config = {**recipe["config"], "kind": kind, "weights": str(checkpoint / "encoder"), "revision": None,
                   "device": self.device_name}
-        p = from_dict(FINETUNE_KINDS[kind], config, f"student {name} (from the bundle)")
+        if recipe["config"].get("lora"):   # the checkpoint holds an adapter: the base weights it was trained on
+            config.update(weights=recipe["config"]["weights"], revision=recipe["config"].get("revision"))
+        p = from_dict(FINETUNE_CONFIGS[kind], config, f"student {name} (from the bundle)")
         manifest.meta.labels = list(recipe.get("labels") or self.labels)
-        objective = TrainedObjective(recipe.get("objective", "ce"), int(self.head.dims[modality]))
+        trained_with = recipe.get("objective", "ce")
+        OBJECTIVES.get(trained_with, f"student {name} (from the bundle)")   # an objective this ercflow knows
+        objective = TrainedObjective(trained_with, int(self.head.dims[modality]))
         tuner = build_finetuner(manifest, p, checkpoint.parent, media_path, objective)
+        self.check_base(name, modality, recipe, tuner)
         tuner.load(checkpoint.name)
-        return FinetunedEncoder(name, tuner, Path(recipe["weights"]), weights_dir=checkpoint)
+        return finetuned_encoder(name, tuner, Path(recipe["weights"]), weights_dir=checkpoint)
 
     # -- predictions ----------------------------------------------------------------------------------
     def outputs(self, manifest: Manifest, stores: dict[str, str], batch_dialogues: int = 8
@@ -260,18 +287,19 @@ class Model:
         manifest = conversation_manifest(df, where, media_root, self.labels, allow_outside_root)
         work = self.work_dir(manifest)
         work.mkdir(parents=True, exist_ok=True)
-        manifest.save(work / "manifest")
-        stores, problems = self.stores(manifest, work)
-        rows, out = self.outputs(manifest, stores)
-        result = prediction_table(manifest.rows.loc[rows], out, self.head.task, self.labels,
-                                  list(self.meta.get("dimensions") or []))
-        for i, col in enumerate(("dialogue_id", "turn", "speaker"), start=1):
-            result.insert(i, col, manifest.rows.loc[rows, col].to_numpy())
-        notes: dict[str, list[str]] = {}
-        for q in problems:
-            notes.setdefault(q["utt_id"], []).append(f"{q.get('modality') or 'input'}: {q['problem']}")
-        result["problems"] = ["; ".join(dict.fromkeys(notes.get(u, []))) for u in result["utt_id"]]
-        atomic_write_text(work / "last_predictions.csv", result.to_csv(index=False))
+        with writer_lock(work):   # one predict per work dir: a second call on the same input waits, then reuses
+            manifest.save(paths.predict_manifest(work))
+            stores, problems = self.stores(manifest, work)
+            rows, out = self.outputs(manifest, stores)
+            result = prediction_table(manifest.rows.loc[rows], out, self.head.task, self.labels,
+                                      list(self.meta.get("dimensions") or []))
+            for i, col in enumerate(("dialogue_id", "turn", "speaker"), start=1):
+                result.insert(i, col, manifest.rows.loc[rows, col].to_numpy())
+            notes: dict[str, list[str]] = {}
+            for q in problems:
+                notes.setdefault(q["utt_id"], []).append(f"{q.get('modality') or 'input'}: {q['problem']}")
+            result["problems"] = ["; ".join(dict.fromkeys(notes.get(u, []))) for u in result["utt_id"]]
+            atomic_write_text(paths.predict_table(work), result.to_csv(index=False))
         return result
 
 

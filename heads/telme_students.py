@@ -1,5 +1,6 @@
-"""TelME's student objective for fine-tuning an audio or visual encoder against a text teacher store
-(Yun et al., 2024, arXiv:2401.12987, §3.2.3; telme.md eq. 6-15):
+"""TelME's students: the fine-tune objective that trains an audio or visual encoder against a text teacher store
+(Yun et al., 2024, arXiv:2401.12987, §3.2.3, eq. 6-15), registered into pipeline.finetune.objectives.OBJECTIVES
+as `telme_student` (import this module before a student fine-tune is built or rebuilt):
 
     L_student = L_cls + alpha * L_response + beta * L_feature
 
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 
 from heads.telme import PAPER_DEFAULTS, dist_loss, feature_kd_loss
 from pipeline.configs import FinetuneBase
+from pipeline.finetune.objectives import OBJECTIVES, Objective
 from pipeline.manifest import Manifest
 from pipeline.params import ParamsError
 from pipeline.store import FeatureStore
@@ -56,11 +58,13 @@ def student_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.Ten
     return loss
 
 
-class TelmeStudent:
-    """The `telme_student` objective of a fine-tune (pipeline/finetune.py `Finetuner(objective=...)`)."""
+@OBJECTIVES.register("telme_student")
+class TelmeStudent(Objective):
+    """The `telme_student` objective of a fine-tune (`build_finetuner(..., objective)`): eq. 6 against the
+    teacher store at `teacher_store`, read for `manifest`'s utterances."""
     name = "telme_student"
 
-    def __init__(self, teacher_store: str | Path, manifest: Manifest, p: FinetuneBase, device: torch.device | str = "cpu"):
+    def __init__(self, teacher_store: str | Path, manifest: Manifest, p: FinetuneBase):
         self.path = Path(teacher_store)
         self.weights = telme_weights(p)
         if not self.path.exists():
@@ -82,11 +86,16 @@ class TelmeStudent:
                                   f"(this one keeps {pooled.shape[1]} layers)")
             self.fingerprint = store.attrs.get("fingerprint")
             valid = store.valid(manifest.utt_ids).astype(bool)
-        self.device = torch.device(device)
         self.logits = torch.from_numpy(np.ascontiguousarray(logits, np.float32))
         self.features = torch.from_numpy(np.ascontiguousarray(pooled, np.float32))
         self.valid = torch.from_numpy(valid)
         self.teacher_dim = int(pooled.shape[1])
+
+    @classmethod
+    def from_params(cls, p, manifest, teacher_store=None) -> "TelmeStudent":
+        if teacher_store is None:
+            raise ParamsError("objective telme_student: no teacher store (params distil.teacher names it)")
+        return cls(teacher_store, manifest, p)
 
     def identity(self) -> dict:
         return {"objective": self.name, "teacher_fingerprint": self.fingerprint, **self.weights}
