@@ -71,7 +71,7 @@ def test_media_paths_need_a_root(tmp_path):
     from pipeline.manifest import ManifestError
 
     with pytest.raises(ManifestError, match=r"row 2 \(utt_id u1\): video path 'a.mp4' needs a dataset root.*"
-                                            r"set data.chat.root"):
+                                            r"[Ss]et data.chat.root"):
         build_manifest("chat", DatasetParams(adapter="generic", root=None, manifest=str(tmp_path / "chat.csv")))
 
 

@@ -192,6 +192,7 @@ def test_cross_corpus_scores_a_bundle_on_another_dataset_with_a_label_map(tmp_pa
     other.meta.dataset, other.meta.labels = "syn2", ["x", "y", "z"]
     other.save("data/manifest/syn2")
     params["data"]["syn2"] = {"adapter": "generic", "manifest": "y.csv", "labels": ["x", "y", "z"]}
+    params["datasets"] = [*params["datasets"], "syn2"]   # a cross-corpus test set is one the pipeline prepares
     params["cross_corpus"] = {"syn_to_syn2": {"train": "syn", "head": "text_mlp", "test": "syn2",
                                               "model_map": {"a": "ab", "b": "ab", "c": None},
                                               "data_map": {"x": "ab", "y": "ab", "z": None}}}
