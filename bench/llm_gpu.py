@@ -14,6 +14,9 @@ memory of a real 8B model are those of its shapes, not of its values). In one pr
   `from_pretrained(dir, quantization_config=...)`, from the random-init model saved to a temp dir.
 
     python bench/llm_gpu.py --layers 32 --batch 16 --length 512 --lora-batch 4
+
+Needs torch with CUDA, transformers, peft, pydantic (ercflow's params) and, for the 4-bit figures,
+bitsandbytes (`pip install -e ".[gpu]"`). Not yet run: no GPU was available when it was written.
 """
 import argparse
 import json
