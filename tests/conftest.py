@@ -317,13 +317,18 @@ def project_files() -> list[str]:
             and f not in ("dvc.lock",)]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A fresh git + DVC project with this repo's code, the pipeline run once on a small sample."""
-    root = tmp_path_factory.mktemp("proj") / "ercflow"
+def copy_project(root: Path) -> Path:
+    """This repository's tracked code and params (no data, results, models or reports) copied under `root`."""
     for f in project_files():
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, root / f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh git + DVC project with this repo's code, the pipeline run once on a small sample."""
+    root = copy_project(tmp_path_factory.mktemp("proj") / "ercflow")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sample"]["dialogues"] = 24
     params["trainer"]["epochs"] = 40

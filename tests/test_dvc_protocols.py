@@ -3,21 +3,16 @@
 Small on purpose: one text head, the text encoder only, one seed."""
 import json
 import re
-import shutil
 
 import pytest
 import yaml
 
-from conftest import REPO
-from conftest import dvc, project_files, sh
+from conftest import copy_project, dvc, sh
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("proto") / "ercflow"
-    for f in project_files():
-        (root / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, root / f)
+    root = copy_project(tmp_path_factory.mktemp("proto") / "ercflow")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sample"]["dialogues"] = 24
     params.update(datasets=["sample", "sample_b"], samples=["sample", "sample_b"], extract=["text_minilm"],
