@@ -136,3 +136,15 @@ def test_without_a_readable_params_yaml_a_fine_tune_is_a_teacher(project):
     assert paths.students(project) == []
     (project / "params.yaml").write_text(json.dumps({"distil": {"students": ["wav", 3]}}))
     assert paths.students(project) == ["wav"]
+
+
+def test_dvcignore_hides_store_locks_and_none_of_dvcs_own_files():
+    """.dvcignore hides a store's writer lock (it can sit inside a tracked folder) and never dvc.yaml, dvc.lock or
+    params.yaml: a bare `*.lock` there once hid dvc.lock, and every stage looked as if it had never run."""
+    from dvc.ignore import DvcIgnoreFilter
+    from dvc.fs import LocalFileSystem
+
+    ignore = DvcIgnoreFilter(LocalFileSystem(), str(REPO))
+    for own in ("dvc.lock", "dvc.yaml", "params.yaml", "data/params.checked"):
+        assert not ignore.is_ignored_file(str(REPO / own)), own
+    assert ignore.is_ignored_file(str(REPO / "data/cross/meld_to_iemocap/media.h5.lock"))
