@@ -196,6 +196,33 @@ def test_a_damaged_gzip_chunk_names_the_store(sample_media, tmp_path):
                 s.frames(u)
 
 
+def test_a_compressed_datasets_checksum_walks_its_chunk_index_once(tmp_path):
+    """A gzip dataset's checksum reads its chunks in index order through one walk of the index (`chunk_iter`),
+    the very order and checksum of the per-chunk look-up it replaced (`get_chunk_info(i)`, quadratic in the
+    chunk count: a MELD-size media store has a chunk per frame row), and the look-up still serves without it."""
+    from pipeline.store import checksums
+
+    class NoChunkIter:   # an h5py / HDF5 without chunk_iter
+        def __init__(self, dsid):
+            self.dsid = dsid
+
+        def __getattr__(self, name):
+            if name == "chunk_iter":
+                raise AttributeError(name)
+            return getattr(self.dsid, name)
+
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        ds = f.create_dataset("frames", (3000, 4, 4), np.uint8, chunks=(1, 4, 4), compression="gzip")
+        for i in np.random.default_rng(0).permutation(3000):   # written out of order: index order is not write order
+            ds[i] = i % 251
+        one_by_one = [ds.id.get_chunk_info(i).chunk_offset for i in range(ds.id.get_num_chunks())]
+        assert checksums.chunk_offsets(ds.id) == one_by_one
+        assert checksums.chunk_offsets(NoChunkIter(ds.id)) == one_by_one
+        before = checksums.dataset_checksum(ds)
+        ds[1234] = 0
+        assert checksums.dataset_checksum(ds) != before
+
+
 def test_media_values_are_checked_for_range(sample_media, tmp_path):
     path = tmp_path / "media.h5"
     shutil.copyfile(sample_media, path)

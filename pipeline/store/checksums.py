@@ -21,6 +21,21 @@ def _digest() -> "hashlib._Hash":
     return hashlib.sha256()   # about twice blake2b's speed where the CPU has SHA instructions (x86, arm64)
 
 
+def chunk_offsets(dsid) -> list[tuple]:
+    """The offsets of a chunked dataset's stored chunks, in the order of its chunk index. `chunk_iter` walks the
+    index once; `get_chunk_info(i)` walks it from the start for every i (quadratic: 16,000 chunks, one per
+    frame row of a MELD-size media store, took 7.4 s that way), so it serves only where h5py / HDF5 lack
+    chunk_iter. Both give the same order."""
+    if hasattr(dsid, "chunk_iter"):
+        offsets = []
+        try:
+            dsid.chunk_iter(lambda info: offsets.append(info.chunk_offset))
+            return offsets
+        except (NotImplementedError, RuntimeError):   # built against an HDF5 without H5Dchunk_iter
+            pass
+    return [dsid.get_chunk_info(i).chunk_offset for i in range(dsid.get_num_chunks())]
+
+
 def dataset_checksum(ds: h5py.Dataset) -> str:
     """sha256 of a dataset's shape, dtype and content: the stored (compressed) bytes of each chunk of a
     filtered dataset, read without decompressing; the values of any other, read in blocks of ~32 MiB."""
@@ -33,10 +48,9 @@ def dataset_checksum(ds: h5py.Dataset) -> str:
             h.update(b"\0")
     elif ds.chunks is not None and ds.compression is not None:
         dsid = ds.id
-        for i in range(dsid.get_num_chunks()):
-            info = dsid.get_chunk_info(i)
-            h.update(np.asarray(info.chunk_offset, np.int64).tobytes())
-            h.update(dsid.read_direct_chunk(info.chunk_offset)[1])
+        for offset in chunk_offsets(dsid):
+            h.update(np.asarray(offset, np.int64).tobytes())
+            h.update(dsid.read_direct_chunk(offset)[1])
     elif ds.shape and ds.shape[0]:
         row = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
         step = max(1, _BLOCK_BYTES // row)
