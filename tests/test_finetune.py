@@ -1,10 +1,15 @@
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO
+from pipeline import distributed
 from pipeline.configs import TextFinetuneParams
 from pipeline.finetune.batches import length_grouped_batches, length_sorted_micro_batches
 from pipeline.finetune.kinds import TextFinetuner
@@ -50,6 +55,26 @@ def test_finetune_loss_falls_checkpoint_reloads_and_teacher_store(tiny_bert, sam
         assert s.pooled().shape == (len(sample_manifest), 32)
         assert s.attrs["weights"].endswith("best") and len(s.attrs["weights_hash"]) == 16
         assert s.attrs["labels"] == sample_manifest.meta.labels
+
+
+def test_a_context_teachers_fingerprint_follows_its_speakers_and_turn_order(tiny_bert, sample_manifest, tmp_path):
+    """indi_context reads who spoke which turn: one speaker for every turn, or two turns swapped, is another
+    fine-tune (it starts over, never resumes a checkpoint of the old inputs); an utterance teacher, which reads
+    the text alone, keeps its fingerprint when the speakers change."""
+    from pipeline.manifest import Manifest
+
+    def tuner(manifest, fmt):
+        return TextFinetuner(manifest, params(tiny_bert, input_format=fmt, epochs=1), tmp_path / fmt)
+
+    one_voice = sample_manifest.rows.copy()
+    one_voice["speaker"] = "Ross"
+    swapped = sample_manifest.rows.copy()
+    first = swapped.index[swapped["dialogue_id"] == swapped["dialogue_id"].iloc[0]][:2]
+    swapped.loc[first, "turn"] = swapped.loc[first[::-1], "turn"].to_numpy()
+    edits = [Manifest(rows, sample_manifest.meta) for rows in (one_voice, swapped)]
+    base = tuner(sample_manifest, "indi_context").fingerprint
+    assert len({base, *(tuner(m, "indi_context").fingerprint for m in edits)}) == 3
+    assert tuner(edits[0], "utterance").fingerprint == tuner(sample_manifest, "utterance").fingerprint
 
 
 def test_prompt_teacher_keeps_speaker_tokens(tiny_bert, sample_manifest, tmp_path):
@@ -213,15 +238,6 @@ def test_progress_bar_and_no_transformers_bars(tiny_bert, sample_manifest, tmp_p
     assert "steps/s" in lines[-1] and state["history"][0]["train_seconds"] > 0, lines
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as each of the two ranks has on 2 cores (spin-waiting threads slow a shared CPU down)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 RANK_SCRIPT = """
 import json, sys
 sys.path.insert(0, {repo!r})
@@ -242,6 +258,20 @@ except InterruptTraining:
 """
 
 
+def stop_two_ranks(tmp_path, params: dict, stop: int) -> Path:
+    """Fine-tune on two CPU ranks under torchrun (gloo) from the manifest saved at `tmp_path/manifest`, stopped
+    after `stop` optimizer steps; returns the checkpoints folder (`tmp_path/two`)."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO)))
+    job = {"manifest": str(tmp_path / "manifest"), "ckpt": str(tmp_path / "two"), "stop": stop, "params": params}
+    cmd = distributed.torchrun_command("x", [], 2)
+    cmd = cmd[:cmd.index("-m", 2)] + [str(script), json.dumps(job)]
+    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "ERCFLOW_DIST_TIMEOUT": "120"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "STOPPED 0" in out.stdout and "STOPPED 1" in out.stdout, out.stdout + out.stderr[-3000:]
+    return tmp_path / "two"
+
+
 def train_loss(tuner) -> float:
     """Mean CE of the model over the train split (the loss after the steps taken so far)."""
     rows = tuner.rows["train"]
@@ -257,12 +287,7 @@ def test_two_processes_train_as_one_with_twice_the_batch_and_resume_across_world
     gradients and the shorter padding of each half differ from one process's sums in the last bits). The
     2-process `last` checkpoint (global batch 8, the run's identity) is then resumed by one process with
     batch_size 8 and ends where the single process ends."""
-    import os
     import shutil
-    import subprocess
-
-    from conftest import REPO
-    from pipeline import distributed
 
     model = tmp_path / "bert"   # a tiny BERT without dropout: the ranks' dropout draws would differ from one process's
     shutil.copytree(tiny_bert, model)
@@ -273,16 +298,8 @@ def test_two_processes_train_as_one_with_twice_the_batch_and_resume_across_world
     kw = dict(weights=str(model), dropout=0.0, epochs=2, batch_size=8, save_every_steps=0, lr=2e-3, warmup_steps=1)
     stop = 3
 
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(repo=str(REPO)))
-    job = {"manifest": str(tmp_path / "manifest"), "ckpt": str(tmp_path / "two"), "stop": stop,
-           "params": {**dict(input_format="indi_context", pooling="cls", context_window=3, max_length=48, patience=100,
-                             device="cpu"), **kw, "batch_size": 4}}
-    cmd = distributed.torchrun_command("x", [], 2)
-    cmd = cmd[:cmd.index("-m", 2)] + [str(script), json.dumps(job)]
-    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "ERCFLOW_DIST_TIMEOUT": "120"},
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "STOPPED 0" in out.stdout and "STOPPED 1" in out.stdout, out.stdout + out.stderr[-3000:]
+    stop_two_ranks(tmp_path, {**dict(input_format="indi_context", pooling="cls", context_window=3, max_length=48,
+                                     patience=100, device="cpu"), **kw, "batch_size": 4}, stop)
 
     one = TextFinetuner(sample_manifest, params(tiny_bert, **kw), tmp_path / "one")
     with pytest.raises(InterruptTraining):

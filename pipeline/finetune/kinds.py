@@ -15,6 +15,7 @@ fine-tuned store and the frozen one see the same inputs.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,15 @@ class TextFinetuner(Finetuner):
 
     def data_identity(self):
         rows = self.manifest.rows
-        return rows[[c for c in ("utt_id", "text", "label", "split") if c in rows]].to_dict("list")
+        identity = rows[[c for c in ("utt_id", "text", "label", "split") if c in rows]].to_dict("list")
+        if self.p.input_format == "utterance":   # the inputs follow from the text and params alone
+            return identity
+        # a context or instruction input also reads dialogue order, turns and speaker names: the token ids the
+        # model is fed enter the fingerprint, so that renamed speakers or reordered turns start over
+        ids = hashlib.sha256()
+        for e in self.encoded:
+            ids.update(np.asarray(e["input_ids"], np.int64).tobytes() + b"|")
+        return {**identity, "input_ids": ids.hexdigest()}
 
     def checkpoint_info(self) -> dict:
         info = {"pooling": self.p.pooling, "input_format": self.p.input_format}
