@@ -40,6 +40,26 @@ def seeded_rngs():
     np.random.seed(0)
 
 
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test: tiny models gain nothing from more, and spin-waiting threads slow a shared
+    CPU down (measured); as each of two ranks has on 2 cores."""
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for a whole module: `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
+    yield from _one_torch_thread()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A tiny random-init BERT + WordPiece tokenizer saved to a temp dir (loaded back through from_pretrained)."""

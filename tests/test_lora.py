@@ -29,12 +29,7 @@ from pipeline.tiny_llm import save_tiny_llm
 QUIET = dict(log=lambda *_: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -301,41 +296,26 @@ def test_two_processes_train_the_adapters_as_one(trained, sample_manifest, tmp_p
     """DDP (gloo, 2 CPU ranks x 4) takes the LoRA steps one process takes with batches of 8: the same train loss
     after 2 steps (tests/test_finetune.py checks the same for a full fine-tune), and one process resumes the
     2-rank `last` checkpoint to the same end."""
-    import os
-    import subprocess
-
-    from conftest import REPO
-    from pipeline import distributed
-    from test_finetune import RANK_SCRIPT
+    from test_finetune import stop_two_ranks, train_loss
 
     weights = str(trained / "base")
     sample_manifest.save(tmp_path / "manifest")
     kw = dict(epochs=2, save_every_steps=0, lr=5e-3, warmup_steps=1)
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(repo=str(REPO)))
-    p2 = {**{k: v for k, v in vars(params(weights, **kw)).items()}, "batch_size": 4}
+    p2 = {**vars(params(weights, **kw)), "batch_size": 4}
     p2["lora"] = vars(p2["lora"]) if not isinstance(p2["lora"], dict) else p2["lora"]
-    job = {"manifest": str(tmp_path / "manifest"), "ckpt": str(tmp_path / "two"), "stop": 2, "params": p2}
-    cmd = distributed.torchrun_command("x", [], 2)
-    cmd = cmd[:cmd.index("-m", 2)] + [str(script), json.dumps(job)]
-    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "ERCFLOW_DIST_TIMEOUT": "120"},
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "STOPPED 0" in out.stdout and "STOPPED 1" in out.stdout, out.stdout + out.stderr[-3000:]
+    stop_two_ranks(tmp_path, p2, 2)
     one = TextFinetuner(sample_manifest, params(weights, **kw), tmp_path / "one")
     with pytest.raises(InterruptTraining):
         one.train(stop_after_steps=2, **QUIET)
     two = TextFinetuner(sample_manifest, params(weights, **kw), tmp_path / "two")
     assert two.fingerprint == one.fingerprint
     two.load("last")
-    rows = one.rows["train"]
-    loss = [float(torch.nn.functional.cross_entropy(torch.from_numpy(t.predict(rows)[1]),
-                                                    torch.from_numpy(t.y[rows]))) for t in (one, two)]
+    loss = [train_loss(t) for t in (one, two)]
     # a run on other batches (one process, batches of 4) ends elsewhere: the comparison can fail
     other = TextFinetuner(sample_manifest, params(weights, **{**kw, "batch_size": 4}), tmp_path / "other")
     with pytest.raises(InterruptTraining):
         other.train(stop_after_steps=2, **QUIET)
-    apart = float(torch.nn.functional.cross_entropy(torch.from_numpy(other.predict(rows)[1]),
-                                                    torch.from_numpy(other.y[rows])))
+    apart = train_loss(other)
     print(f"train loss after 2 steps: 1 x 8 {loss[0]:.6f}, 2 x 4 {loss[1]:.6f}, 1 x 4 {apart:.6f}")
     assert loss[1] == pytest.approx(loss[0], rel=1e-4) and abs(loss[1] - loss[0]) < 0.1 * abs(apart - loss[0])
     a = load_file(tmp_path / "one/last/encoder/adapter_model.safetensors")
