@@ -2,6 +2,7 @@
 with inputs prepared in DataLoader workers. Shared by every encoder, fine-tuning and the heads' trainer."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import inspect
@@ -172,6 +173,18 @@ def prep_workers(setting: int, device: torch.device) -> int:
     return (2 if device.type == "cuda" else 0) if setting < 0 else setting
 
 
+def _prepared_in_workers(batches: list[np.ndarray], prepare, workers: int, pin_memory: bool):
+    """(rows, prepare(rows)) per batch, prepared in `workers` forked DataLoader processes."""
+    # Collected here, before the fork: garbage whose finaliser joins threads of this process (PyAV's resampler
+    # graphs, left in reference cycles by decoding) would otherwise be collected in a worker, where those
+    # threads do not exist, and wait for them forever (a hang seen in the suite; tests/test_audio_encoders.py)
+    gc.collect()
+    loader = torch.utils.data.DataLoader(_PreparedBatches(batches, prepare), batch_size=None,
+                                         num_workers=workers, pin_memory=pin_memory)
+    for i, x in loader:
+        yield batches[i], x
+
+
 def batched_with_oom_retry(order: np.ndarray, batch_size: int, run, prepare=None, workers: int = 0,
                            pin_memory: bool = False) -> None:
     """Run the model over consecutive batches of `order`.
@@ -185,9 +198,7 @@ def batched_with_oom_retry(order: np.ndarray, batch_size: int, run, prepare=None
     if prepare is None:
         stream = ((b, None) for b in batches)
     elif workers > 0:
-        loader = torch.utils.data.DataLoader(_PreparedBatches(batches, prepare), batch_size=None,
-                                             num_workers=workers, pin_memory=pin_memory)
-        stream = ((batches[i], x) for i, x in loader)
+        stream = _prepared_in_workers(batches, prepare, workers, pin_memory)
     else:
         stream = ((b, prepare(b)) for b in batches)
 

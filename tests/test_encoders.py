@@ -199,6 +199,38 @@ def test_oom_halves_the_batch_instead_of_failing():
     assert sorted(out) == [0, 10, 20, 30, 40, 50] and prepared == [4, 2, 2, 2]
 
 
+FORK_AFTER_DECODING = """
+import gc, sys
+import numpy as np
+sys.path.insert(0, {repo!r})
+from pipeline.media import resample_audio
+from pipeline.runtime import batched_with_oom_retry
+gc.disable()   # no automatic collection between decoding and the workers' fork
+resample_audio(np.zeros(16000, np.float32), 16000, 8000)   # leaves a PyAV graph with its threads in a cycle
+seen = []
+def prepare(rows):
+    gc.collect()   # in the worker, as an allocation-triggered collection would
+    return rows
+batched_with_oom_retry(np.arange(8), 2, lambda rows, x: seen.append(len(x)), prepare=prepare, workers=2)
+print("prepared", seen)
+"""
+
+
+def test_prep_workers_forked_after_decoding_do_not_hang(tmp_path):
+    """Garbage whose finaliser joins the parent's threads (a PyAV resampler's graph after decoding) is collected
+    before the DataLoader forks its workers: collected in a worker, it waited forever (the suite hung once in
+    an opensmile test with prep_workers 2)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_AFTER_DECODING.format(repo=str(REPO)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "prepared [2, 2, 2, 2]" in out.stdout, out.stderr[-2000:]
+
+
 def test_compare_2016_functionals(sample_manifest, sample_media, tmp_path):
     few = Manifest(sample_manifest.rows.iloc[:3], sample_manifest.meta)
     extract(few, build_encoder("c", {"kind": "opensmile", "feature_set": "ComParE_2016"}), tmp_path / "c.h5",
