@@ -251,9 +251,15 @@ class TelME(ERCHead):
 
     @staticmethod
     def check_options(options: dict) -> None:
-        """What `ercflow check` can say without the stores: a `teacher_dim` its heads do not divide."""
+        """What `ercflow check` can say without the stores: a `teacher_dim` whose ASF width no student count
+        lets the heads divide. The width is teacher_dim (`asf: equations`) or students x teacher_dim (`asf:
+        code`, one or two students: the head's modalities decide, which the options do not see; a width that
+        fits two students and not the one a head has is refused when the head is built, as above)."""
         d, heads = options.get("teacher_dim"), options.get("heads")
-        if isinstance(d, int) and isinstance(heads, int) and heads > 0 and d % heads:
+        if not (isinstance(d, int) and isinstance(heads, int) and heads > 0):
+            return
+        widths = [asf_width(d, n, options.get("asf", "code")) for n in (1, 2)]
+        if all(w % heads for w in widths):
             raise ValueError(f"teacher_dim ({d}) is not divisible by heads ({heads}): ASF splits the teacher's width "
                              "over its attention heads (the public code: 768 with 3 or 4 heads)")
 

@@ -68,6 +68,15 @@ def test_a_1024_teacher_with_3_heads_is_refused_or_projected_never_2_heads():
     (line,) = problems_with("telme", {"teacher_dim": 1024})
     assert line.startswith("heads.telme.options") and "teacher_dim (1024)" in line and "heads (3)" in line
     assert problems_with("telme", {"teacher_dim": 768}) == []
+    # asf: code splits students x teacher_dim: 100 with 8 heads fits two students (200), so check lets it pass
+    # and the head with two students builds; with one student, or asf: equations (the width is 100), it does not
+    options = {"paper_defaults": "meld", "heads": 8, "teacher_dim": 100}
+    assert problems_with("telme", options) == []
+    assert build_head("telme", dims, 3, "categorical", options).asf.attention.embed_dim == 200
+    with pytest.raises(ParamsError, match=r"heads \(8\) does not divide .* 100"):
+        build_head("telme", {"text": 1024, "audio": 16}, 3, "categorical", options)
+    (line,) = problems_with("telme", {**options, "asf": "equations"})
+    assert "teacher_dim (100)" in line and "heads (8)" in line
 
 
 def test_the_teacher_projection_is_fitted_then_frozen(tmp_path):
