@@ -73,6 +73,11 @@ class CachedDialogues:
                 x = store.pooled(ids).astype(np.float32)
                 ok = store.valid(ids).astype(bool)
                 logits = store.logits(ids)
+                scored = store.attrs.get("labels")
+                if logits is not None and isinstance(scored, list) and scored != list(self.labels):
+                    # a teacher's logits in another class order would be read as these classes, silently
+                    raise ValueError(f"{path}: its logits score the classes {scored}, the manifest's are "
+                                     f"{list(self.labels)} (in this order); re-run the stage that wrote it")
                 self.provenance[m] = {k: store.attrs.get(k) for k in ("encoder", "weights", "weights_hash",
                                                                       "fingerprint")}
                 if store.layers is not None:

@@ -200,9 +200,10 @@ def synthetic_manifest(n_dialogues=12, turns=5, seed=0, dims=False):
     return Manifest(pd.DataFrame(rows), ManifestMeta("syn", ".", ["a", "b", "c"], ["valence", "arousal"] if dims else []))
 
 
-def store_from(manifest, path, fn, dim, valid=None, layers=None):
+def store_from(manifest, path, fn, dim, valid=None, layers=None, logits=None, labels=None):
     """A feature store whose pooled row is fn(manifest row) ([dim], or [len(layers), dim] with the store's
-    `layers` attribute when `layers` is given)."""
+    `layers` attribute when `layers` is given); with `logits` (a function of the row too) a `logits` row, over
+    the classes `labels` (the store's attribute) when given."""
     class Fn(Encoder):
         kind, modality, needs_media = "test_fn", "text", False
         Config = type("C", (), {})
@@ -212,11 +213,15 @@ def store_from(manifest, path, fn, dim, valid=None, layers=None):
             return dim
 
         def provenance(self):
-            return {"encoder": "fn"} if layers is None else {"encoder": "fn", "layers": list(layers)}
+            return {"encoder": "fn", **({} if layers is None else {"layers": list(layers)}),
+                    **({} if labels is None else {"labels": list(labels)})}
 
         def encode(self, rows, m, media=None):
             ok = np.ones(len(rows), bool) if valid is None else valid[rows.index.to_numpy()]
-            return {"pooled": np.stack([fn(r) for _, r in rows.iterrows()]).astype(np.float32), "valid": ok}, []
+            out = {"pooled": np.stack([fn(r) for _, r in rows.iterrows()]).astype(np.float32), "valid": ok}
+            if logits is not None:
+                out["logits"] = np.stack([logits(r) for _, r in rows.iterrows()]).astype(np.float32)
+            return out, []
 
     extract(manifest, Fn("fn", None), path)
     return str(path)

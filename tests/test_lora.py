@@ -24,6 +24,7 @@ from pipeline.finetune.kinds import TextFinetuner
 from pipeline.finetune.lora import AdapterError, frozen_weights_hash
 from pipeline.finetune.loop import InterruptTraining
 from pipeline.runtime import weights_hash
+from pipeline.store import FeatureStore
 from pipeline.tiny_llm import save_tiny_llm
 
 QUIET = dict(log=lambda *_: None)
@@ -227,14 +228,9 @@ def test_an_audio_student_takes_lora(tmp_path, sample_manifest, sample_media):
 # --- the CPU recipe under dvc, then inspect and predict ------------------------------------------------------
 
 def test_cpu_recipe_runs_under_dvc_and_predict_reproduces_the_test_predictions(tmp_path):
-    from conftest import dvc, project_files, sh
+    from conftest import copy_project, dvc, sh
 
-    from conftest import REPO
-
-    root = tmp_path / "proj"
-    for f in project_files():
-        (root / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, root / f)
+    root = copy_project(tmp_path / "proj")
     sh(root, sys.executable, "-m", "ercflow", "recipe", "sample-llm-lora-cpu")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sample"].update(dialogues=8, min_turns=4, max_turns=6, fps=6, size=32, max_seconds=1.2)   # faster
@@ -242,7 +238,7 @@ def test_cpu_recipe_runs_under_dvc_and_predict_reproduces_the_test_predictions(t
     sh(root, "git", "init", "-q")
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "init")
-    dvc(root, "repro", "train@sample-text_mlp")
+    dvc(root, "repro", "train@sample-text_mlp", "train@sample-llm_scores")
     best = root / "models/sample/llm_lora/best"
     assert (best / "encoder/adapter_model.safetensors").is_file() and not (best / "encoder/model.safetensors").exists()
     base_hash = weights_hash(str(root / "data/raw/sample/tiny_llm"))
@@ -261,14 +257,18 @@ def test_cpu_recipe_runs_under_dvc_and_predict_reproduces_the_test_predictions(t
     manifest = Manifest.load(root / "data/manifest/sample")
     test = manifest.rows[manifest.rows["split"] == "test"][["utt_id", "dialogue_id", "turn", "speaker", "text"]]
     test.to_csv(root / "table.csv", index=False)
-    sh(root, sys.executable, "-m", "ercflow", "predict", "--model", "models/sample/text_mlp.safetensors",
-       "--input", "table.csv", "--out", "pred.csv", "--work-dir", str(tmp_path / "work"), "--device", "cpu")
-    got = pd.read_csv(root / "pred.csv").set_index("utt_id")
-    want = pd.read_csv(root / "results/sample/text_mlp/predictions_test.csv").set_index("utt_id")
-    labels = manifest.meta.labels
-    cols = [f"p_{lab}" for lab in labels]
-    np.testing.assert_allclose(got.loc[want.index, cols].to_numpy(), want[cols].to_numpy(), atol=1e-4)
-    assert (got.loc[want.index, "prediction"] == want["prediction"]).all()
+    cols = [f"p_{lab}" for lab in manifest.meta.labels]
+    for head in ("text_mlp", "llm_scores"):   # the second reuses the work dir's teacher store
+        sh(root, sys.executable, "-m", "ercflow", "predict", "--model", f"models/sample/{head}.safetensors",
+           "--input", "table.csv", "--out", "pred.csv", "--work-dir", str(tmp_path / "work"), "--device", "cpu")
+        got = pd.read_csv(root / "pred.csv").set_index("utt_id")
+        want = pd.read_csv(root / f"results/sample/{head}/predictions_test.csv").set_index("utt_id")
+        np.testing.assert_allclose(got.loc[want.index, cols].to_numpy(), want[cols].to_numpy(), atol=1e-4)
+        assert (got.loc[want.index, "prediction"] == want["prediction"]).all()
+    # llm_scores predicts what the tuned LLM's label scores say (the store's argmax)
+    with FeatureStore(root / "data/features/sample/llm_lora.h5") as store:
+        scored = np.asarray(manifest.meta.labels)[store.logits(list(want.index)).argmax(1)]
+    assert (want["prediction"].to_numpy() == scored).all()
     # a base of other content: predict refuses it, naming both hashes
     save_tiny_llm(root / "data/raw/sample/tiny_llm", "llama", seed=1)
     fail = sh(root, sys.executable, "-m", "ercflow", "predict", "--model", "models/sample/text_mlp.safetensors",

@@ -59,6 +59,24 @@ def _finetune_problems(teachers: list[str], distil: dict, finetune: dict) -> lis
     return problems
 
 
+def _label_scores_problems(h: str, hp: dict, chosen: dict, modalities, encoders: dict) -> list[str]:
+    """A `label_scores` head reads its source store's `logits`: a fine-tune's store (finetune) or an `hf_text`
+    encoder's with `input_format: instruction` has them; a frozen encoder's store has none."""
+    options = hp.get("options") if isinstance(hp.get("options"), dict) else {}
+    source = options.get("source", "text")
+    if source not in MODALITIES:   # the schema names it
+        return []
+    if isinstance(modalities, list) and source not in modalities:
+        return [f"heads.{h}.options.source: {source!r} is not among heads.{h}.modalities {modalities}"]
+    store = chosen.get(source)
+    cfg = encoders.get(store) if isinstance(store, str) else None
+    if isinstance(cfg, dict) and not (cfg.get("kind") == "hf_text" and cfg.get("input_format") == "instruction"):
+        return [f"heads.{h}: label_scores reads the {source} store's logits, and {store!r} (encoders, kind "
+                f"{cfg.get('kind')!r}) writes none: feed it a fine-tuned teacher (finetune) or an hf_text encoder "
+                "with input_format: instruction"]
+    return []
+
+
 def cross_reference_problems(raw: Mapping[str, Any]) -> list[str]:
     """Problems between sections (read defensively: the schema reports malformed sections itself)."""
     def names(key) -> list[str]:
@@ -156,6 +174,8 @@ def cross_reference_problems(raw: Mapping[str, Any]) -> list[str]:
         own = section(hp.get("features"))
         chosen = {**features, **own}
         modalities = hp.get("modalities", list(MODALITIES))
+        if hp.get("head") == "label_scores":
+            problems += _label_scores_problems(h, hp, chosen, modalities, encoders)
         for i, m in enumerate(modalities if isinstance(modalities, list) else []):
             if m not in MODALITIES:
                 continue
