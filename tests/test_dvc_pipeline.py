@@ -1,6 +1,7 @@
 """The demo pipeline through DVC itself: repro, metrics, per-stage invalidation, and sharing via a remote."""
 import json
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import sh, dvc
+from conftest import ENV, sh, dvc
 
 
 def test_repro_runs_every_stage_and_fusion_beats_text(project):
@@ -183,6 +184,27 @@ def test_predict_masks_a_missing_clip_and_refuses_other_weights(project, tmp_pat
     refused = ercflow_cli(root, "predict", "--model", str(tmp_path / "other.safetensors"), "--input",
                           str(root / "data/manifest/sample/meta.json"), check=False)
     assert "ercflow predict:" in refused and "Traceback" not in refused
+
+
+def test_dvc_repro_refuses_a_flipped_feature_store_and_keeps_dvc_lock(project):
+    """64 flipped bytes in a feature store: `dvc repro` fails naming the store (extract verifies the old store
+    before it calls it up to date), and dvc.lock keeps the good hash; `dvc checkout` brings the good store back."""
+    from test_reliability import flip_middle
+
+    root, _ = project
+    store = root / "data/features/sample/text_minilm.h5"
+    lock_before = (root / "dvc.lock").read_text()
+    flip_middle(store)
+    try:
+        r = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=ENV, capture_output=True, text=True)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0, out[-3000:]
+        assert re.search(re.escape("data/features/sample/text_minilm.h5") + r".*damaged store", out), out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        assert (root / "dvc.lock").read_text() == lock_before       # the damaged file's hash is not recorded
+    finally:
+        dvc(root, "checkout", "-f", "data/features/sample/text_minilm.h5")
+    assert json.loads(dvc(root, "status", "--json")) == {}
 
 
 def test_training_again_gives_the_same_model(project):

@@ -439,21 +439,3 @@ def test_a_cut_utterance_is_a_problem(tiny_bert, sample_manifest, tmp_path):
     assert len(summary["problems"]) == 1
     with FeatureStore(tmp_path / "t.h5") as s:
         assert s.problems() == cut                                    # kept in the store: inspect counts it
-
-
-# -- through DVC (slow: the demo pipeline once, as tests/test_dvc_pipeline.py runs it) ---------------------
-from conftest import ENV  # noqa: E402
-
-
-@pytest.mark.timeout(1800)   # builds the demo project first (minutes)
-def test_dvc_repro_refuses_a_flipped_feature_store_and_keeps_dvc_lock(project):
-    root, _ = project
-    store = root / "data/features/sample/text_minilm.h5"
-    lock_before = (root / "dvc.lock").read_text()
-    flip_middle(store)
-    r = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=ENV, capture_output=True, text=True)
-    out = r.stdout + r.stderr
-    assert r.returncode != 0, out[-3000:]
-    assert re.search(re.escape("data/features/sample/text_minilm.h5") + r".*damaged store", out), out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    assert (root / "dvc.lock").read_text() == lock_before       # the damaged file's hash is not recorded
