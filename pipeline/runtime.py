@@ -177,7 +177,7 @@ def _prepared_in_workers(batches: list[np.ndarray], prepare, workers: int, pin_m
     """(rows, prepare(rows)) per batch, prepared in `workers` forked DataLoader processes."""
     # Collected here, before the fork: garbage whose finaliser joins threads of this process (PyAV's resampler
     # graphs, left in reference cycles by decoding) would otherwise be collected in a worker, where those
-    # threads do not exist, and wait for them forever (a hang seen in the suite; tests/test_audio_encoders.py)
+    # threads do not exist, and wait for them forever (the suite hung so once; tests/test_encoders.py)
     gc.collect()
     loader = torch.utils.data.DataLoader(_PreparedBatches(batches, prepare), batch_size=None,
                                          num_workers=workers, pin_memory=pin_memory)
