@@ -1,5 +1,5 @@
 """Evaluation: the field's metrics of a categorical head (weighted F1, macro F1, accuracy = WA, unweighted
-accuracy UA = mean per-class recall, per-class F1 and recall, confusion: scikit-learn) and of a dimensional one
+accuracy UA = mean per-class recall, per-class F1 and recall, confusion; checked against scikit-learn) and of a dimensional one
 (Pearson r, MSE, MAE and Lin's concordance correlation coefficient CCC per dimension); the same metrics as
 vectorised functions of sufficient statistics (a confusion matrix, the moments of true and predicted values),
 which the dialogue bootstrap of pipeline/significance.py sums per resample; the headline metric per dataset;
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
 from pipeline import UserError
 
@@ -58,20 +57,27 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     """WF1 (`wf1`), macro F1, accuracy (WA), UA (mean recall over the classes that occur in `y_true`, as
     sklearn's balanced accuracy), F1 and recall per class, confusion (rows: true, columns: predicted).
     Macro F1 averages over the classes that occur in `y_true` or `y_pred` (sklearn's default label set): a
-    class absent from a fold neither helps nor hurts."""
-    classes = list(range(len(labels)))
-    per_class = f1_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
-    recall = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
-    present = np.isin(classes, y_true)
-    seen = present | np.isin(classes, y_pred)
+    class absent from a fold neither helps nor hurts. Computed from the confusion matrix by `confusion_scores`
+    (one implementation for a run and the bootstrap; tests/test_metrics.py checks both against scikit-learn,
+    which every stage would otherwise spend ~1.5 s importing)."""
+    y_true, y_pred = np.asarray(y_true, np.int64).reshape(-1), np.asarray(y_pred, np.int64).reshape(-1)
+    if not len(y_true) or len(y_true) != len(y_pred):
+        raise MetricError(f"{len(y_true)} true and {len(y_pred)} predicted labels: nothing to score")
+    c = len(labels)
+    cm = np.zeros((c, c + 1), np.int64)   # the last column: predictions outside the classes (always wrong)
+    known = (y_true >= 0) & (y_true < c)
+    np.add.at(cm, (y_true[known], np.where((y_pred >= 0) & (y_pred < c), y_pred, c)[known]), 1)
+    tp, support, predicted = np.diag(cm[:, :c]), cm.sum(1), cm[:, :c].sum(0)
+    per_class, recall = _div(2 * tp, support + predicted), _div(tp, support)
+    scores = confusion_scores(cm)
     return {
-        "wf1": float(f1_score(y_true, y_pred, labels=classes, average="weighted", zero_division=0)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "wf1": float(scores["wf1"]),
+        "accuracy": float(np.mean(y_true == y_pred)),
         "f1_per_class": {name: float(f) for name, f in zip(labels, per_class)},
-        "confusion": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+        "confusion": cm[:, :c].tolist(),
         "support": int(len(y_true)),
-        "macro_f1": float(per_class[seen].mean()) if seen.any() else 0.0,
-        "ua": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(scores["macro_f1"]),
+        "ua": float(scores["ua"]),
         "recall_per_class": {name: float(r) for name, r in zip(labels, recall)},
     }
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from pipeline import UserError
 from pipeline.metrics import CATEGORICAL, DIMENSIONAL, MOMENTS, confusion_scores, moment_scores, moments
@@ -141,6 +140,8 @@ def bootstrap_ci(s: DialogueStats, metric: str, n_resamples: int = 2000, confide
     if len(s.dialogues) < 2:
         raise SignificanceError(f"a bootstrap over dialogues needs 2 or more dialogues; got {len(s.dialogues)}")
     s._check(metric)
+    from scipy import stats as sps   # here, not at import (~0.6 s): the train stage uses this module's tables only
+
     fn = _statistic(s.stats, s.score, metric)
     res = sps.bootstrap((np.arange(len(s.dialogues)),), fn, n_resamples=n_resamples, confidence_level=confidence,
                         method=method, vectorized=True, axis=0, batch=_batch(s), rng=np.random.default_rng(seed))
@@ -164,6 +165,8 @@ def paired_test(a: DialogueStats, b: DialogueStats, metric: str, n_resamples: in
 
     def diff(u, v, axis=-1):
         return fn(u, axis) - fn(v, axis)
+
+    from scipy import stats as sps
 
     rng = np.random.default_rng(seed)
     ia, ib = np.arange(n), np.arange(n, 2 * n)

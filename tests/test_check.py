@@ -284,3 +284,28 @@ def test_log_levels(monkeypatch):
     assert setup_logging(None) == logging.INFO
     with pytest.raises(ValueError):
         setup_logging("loud")
+
+
+QUIET_THEN_IMPORT = """
+import logging, sys
+sys.path.insert(0, {repo!r})
+from pipeline.logs import quiet_libraries
+quiet_libraries({level})
+print("imported before:", "transformers" in sys.modules)
+from transformers.utils import logging as hf_logging
+print("level:", hf_logging.get_verbosity(), "bars:", hf_logging.is_progress_bar_enabled())
+"""
+
+
+@pytest.mark.parametrize("level, want", [(20, "level: 40 bars: False"), (10, "level: 20 bars: True")],
+                         ids=["default", "verbose"])
+def test_a_stage_quiets_transformers_without_importing_it(tmp_path, level, want):
+    """A stage's logging set-up leaves transformers unimported (a stage that loads no model starts ~0.7 s
+    sooner), and transformers imported later still follows it: errors only and no bars, or info and bars
+    with -v."""
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET_THEN_IMPORT.format(repo=str(REPO), level=level))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "imported before: False" in out.stdout and want in out.stdout, out.stdout

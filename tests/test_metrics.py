@@ -95,3 +95,28 @@ def test_score_table_leaves_out_unscored_rows():
     assert m["support"] == 3 and m["accuracy"] == pytest.approx(1 / 3)   # 'z' is outside the classes: wrong
     with pytest.raises(MetricError, match="lacks"):
         score_table(table.drop(columns="prediction"), ["x", "y"])
+
+
+def test_classification_metrics_equal_scikit_learns_on_random_labels():
+    """The metrics come from the confusion matrix (no scikit-learn import in a stage); on random labels, with
+    predictions outside the classes and constant predictions, they equal scikit-learn's to float precision."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        c, n = int(rng.integers(1, 8)), int(rng.integers(1, 40))
+        y, p = rng.integers(0, c, n), rng.integers(0, c + 1, n)   # c: outside the classes
+        if trial % 5 == 0:
+            p[:] = y[0]
+        classes = list(range(c))
+        m = classification_metrics(y, p, [str(k) for k in classes])
+        per_class = f1_score(y, p, labels=classes, average=None, zero_division=0)
+        recall = recall_score(y, p, labels=classes, average=None, zero_division=0)
+        assert m["wf1"] == pytest.approx(f1_score(y, p, labels=classes, average="weighted", zero_division=0), abs=1e-12)
+        assert m["accuracy"] == pytest.approx(accuracy_score(y, p), abs=1e-12)
+        assert list(m["f1_per_class"].values()) == pytest.approx(per_class, abs=1e-12)
+        assert list(m["recall_per_class"].values()) == pytest.approx(recall, abs=1e-12)
+        assert m["confusion"] == confusion_matrix(y, p, labels=classes).tolist()
+        assert m["ua"] == pytest.approx(recall[np.isin(classes, y)].mean(), abs=1e-12)
+    with pytest.raises(MetricError, match="nothing to score"):
+        classification_metrics(np.array([], int), np.array([], int), ["a"])
