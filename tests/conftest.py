@@ -1,4 +1,5 @@
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the project's modules, after sys.path holds the repository
 from heads.data import IGNORE, CachedDialogues  # noqa: E402
 from heads.registry import build_head  # noqa: E402
+from pipeline import distributed  # noqa: E402
 from pipeline.datasets.sample import write_mp4  # noqa: E402
 from pipeline.encoders import Encoder  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
@@ -406,3 +409,60 @@ def imported_files(path: Path) -> set[Path]:
 # ---- shared by several test modules (from tests/test_check.py) ----
 
 BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+# ---- shared by several test modules (from tests/test_reliability.py) ----
+
+def flip_middle(path: Path, n: int = 64, dataset: str | None = None) -> None:
+    """Flip `n` bytes in the middle of the file, or of `dataset`'s bytes (a contiguous dataset)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    if dataset is not None:
+        with h5py.File(path, "r") as f:
+            ds = f[dataset]
+            mid, n = ds.id.get_offset() + ds.id.get_storage_size() // 2, min(n, ds.id.get_storage_size() // 2)
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+# ---- shared by several test modules (from tests/test_finetune.py: fine-tuning on two CPU ranks) ----
+
+RANK_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from pipeline import distributed
+from pipeline.configs import TextFinetuneParams
+from pipeline.finetune.kinds import build_finetuner
+from pipeline.finetune.loop import InterruptTraining
+from pipeline.manifest import Manifest
+job = json.loads(sys.argv[1])
+r = distributed.ranks()
+distributed.join_group(r)
+distributed.bind_device(r, "cpu", "test")
+tuner = build_finetuner(Manifest.load(job["manifest"]), TextFinetuneParams(**job["params"]), job["ckpt"])
+try:
+    tuner.train(log=lambda *_: None, stop_after_steps=job["stop"])
+except InterruptTraining:
+    print("STOPPED", r.rank, flush=True)
+"""
+
+
+def stop_two_ranks(tmp_path, params: dict, stop: int) -> Path:
+    """Fine-tune on two CPU ranks under torchrun (gloo) from the manifest saved at `tmp_path/manifest`, stopped
+    after `stop` optimizer steps; returns the checkpoints folder (`tmp_path/two`)."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO)))
+    job = {"manifest": str(tmp_path / "manifest"), "ckpt": str(tmp_path / "two"), "stop": stop, "params": params}
+    cmd = distributed.torchrun_command("x", [], 2)
+    cmd = cmd[:cmd.index("-m", 2)] + [str(script), json.dumps(job)]
+    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "ERCFLOW_DIST_TIMEOUT": "120"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "STOPPED 0" in out.stdout and "STOPPED 1" in out.stdout, out.stdout + out.stderr[-3000:]
+    return tmp_path / "two"
+
+
+def train_loss(tuner) -> float:
+    """Mean CE of the model over the train split (the loss after the steps taken so far)."""
+    rows = tuner.rows["train"]
+    _, logits = tuner.predict(rows)
+    return float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(tuner.y[rows])))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ENV, sh, dvc
+from conftest import ENV, dvc, flip_middle, sh
 
 
 def test_repro_runs_every_stage_and_fusion_beats_text(project):
@@ -188,9 +188,8 @@ def test_predict_masks_a_missing_clip_and_refuses_other_weights(project, tmp_pat
 
 def test_dvc_repro_refuses_a_flipped_feature_store_and_keeps_dvc_lock(project):
     """64 flipped bytes in a feature store: `dvc repro` fails naming the store (extract verifies the old store
-    before it calls it up to date), and dvc.lock keeps the good hash; `dvc checkout` brings the good store back."""
-    from test_reliability import flip_middle
-
+    before it calls it up to date), and dvc.lock keeps the good hash; `dvc checkout` brings the good store back
+    and the next `dvc repro` finds it up to date."""
     root, _ = project
     store = root / "data/features/sample/text_minilm.h5"
     lock_before = (root / "dvc.lock").read_text()
@@ -202,8 +201,9 @@ def test_dvc_repro_refuses_a_flipped_feature_store_and_keeps_dvc_lock(project):
         assert re.search(re.escape("data/features/sample/text_minilm.h5") + r".*damaged store", out), out[-3000:]
         assert "Traceback" not in out, out[-3000:]
         assert (root / "dvc.lock").read_text() == lock_before       # the damaged file's hash is not recorded
-    finally:
+    finally:   # the good store back from the cache; the failed stage's summary (DVC removed it) written again
         dvc(root, "checkout", "-f", "data/features/sample/text_minilm.h5")
+        dvc(root, "repro")
     assert json.loads(dvc(root, "status", "--json")) == {}
 
 

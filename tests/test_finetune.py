@@ -1,15 +1,11 @@
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
-from pipeline import distributed
+from conftest import stop_two_ranks, train_loss
 from pipeline.configs import TextFinetuneParams
 from pipeline.finetune.batches import length_grouped_batches, length_sorted_micro_batches
 from pipeline.finetune.kinds import TextFinetuner
@@ -236,47 +232,6 @@ def test_progress_bar_and_no_transformers_bars(tiny_bert, sample_manifest, tmp_p
     err = capfd.readouterr().err
     assert "Writing model shards" not in err and "Loading weights" not in err, err[-500:]
     assert "steps/s" in lines[-1] and state["history"][0]["train_seconds"] > 0, lines
-
-
-RANK_SCRIPT = """
-import json, sys
-sys.path.insert(0, {repo!r})
-from pipeline import distributed
-from pipeline.configs import TextFinetuneParams
-from pipeline.finetune.kinds import build_finetuner
-from pipeline.finetune.loop import InterruptTraining
-from pipeline.manifest import Manifest
-job = json.loads(sys.argv[1])
-r = distributed.ranks()
-distributed.join_group(r)
-distributed.bind_device(r, "cpu", "test")
-tuner = build_finetuner(Manifest.load(job["manifest"]), TextFinetuneParams(**job["params"]), job["ckpt"])
-try:
-    tuner.train(log=lambda *_: None, stop_after_steps=job["stop"])
-except InterruptTraining:
-    print("STOPPED", r.rank, flush=True)
-"""
-
-
-def stop_two_ranks(tmp_path, params: dict, stop: int) -> Path:
-    """Fine-tune on two CPU ranks under torchrun (gloo) from the manifest saved at `tmp_path/manifest`, stopped
-    after `stop` optimizer steps; returns the checkpoints folder (`tmp_path/two`)."""
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(repo=str(REPO)))
-    job = {"manifest": str(tmp_path / "manifest"), "ckpt": str(tmp_path / "two"), "stop": stop, "params": params}
-    cmd = distributed.torchrun_command("x", [], 2)
-    cmd = cmd[:cmd.index("-m", 2)] + [str(script), json.dumps(job)]
-    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "ERCFLOW_DIST_TIMEOUT": "120"},
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "STOPPED 0" in out.stdout and "STOPPED 1" in out.stdout, out.stdout + out.stderr[-3000:]
-    return tmp_path / "two"
-
-
-def train_loss(tuner) -> float:
-    """Mean CE of the model over the train split (the loss after the steps taken so far)."""
-    rows = tuner.rows["train"]
-    _, logits = tuner.predict(rows)
-    return float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(tuner.y[rows])))
 
 
 def test_two_processes_train_as_one_with_twice_the_batch_and_resume_across_world_sizes(tiny_bert, sample_manifest,

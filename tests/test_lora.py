@@ -296,7 +296,7 @@ def test_two_processes_train_the_adapters_as_one(trained, sample_manifest, tmp_p
     """DDP (gloo, 2 CPU ranks x 4) takes the LoRA steps one process takes with batches of 8: the same train loss
     after 2 steps (tests/test_finetune.py checks the same for a full fine-tune), and one process resumes the
     2-rank `last` checkpoint to the same end."""
-    from test_finetune import stop_two_ranks, train_loss
+    from conftest import stop_two_ranks, train_loss
 
     weights = str(trained / "base")
     sample_manifest.save(tmp_path / "manifest")

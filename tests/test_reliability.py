@@ -26,7 +26,7 @@ from pipeline.manifest import Manifest, ManifestError
 from pipeline.media import decode_dataset, decode_fingerprint
 from pipeline.params import DecodeParams
 from pipeline.store import (DiskFullError, FeatureStore, MediaStore, StoreBusy, StoreError, writer_lock)
-from conftest import CountingEncoder
+from conftest import CountingEncoder, flip_middle
 from conftest import extract_counting
 
 DECODE = DecodeParams(frames=4, size=32, chunk_size=8)
@@ -65,18 +65,6 @@ def copied_sample(sample_dir, sample_manifest, tmp_path) -> Manifest:
     from pipeline.manifest import ManifestMeta
 
     return Manifest(sample_manifest.rows.copy(), ManifestMeta(**meta))
-
-
-def flip_middle(path: Path, n: int = 64, dataset: str | None = None) -> None:
-    """Flip `n` bytes in the middle of the file, or of `dataset`'s bytes (a contiguous dataset)."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    if dataset is not None:
-        with h5py.File(path, "r") as f:
-            ds = f[dataset]
-            mid, n = ds.id.get_offset() + ds.id.get_storage_size() // 2, min(n, ds.id.get_storage_size() // 2)
-    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
-    path.write_bytes(bytes(data))
 
 
 def one_line(e) -> str:
