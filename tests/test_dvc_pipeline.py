@@ -61,42 +61,6 @@ def test_editing_a_head_param_invalidates_only_that_head(project):
     assert json.loads(dvc(root, "status", "--json")) == {}
 
 
-def test_a_train_stage_reruns_only_for_the_stores_its_head_reads(project):
-    """A new encoder retrains no head; a re-extracted visual store retrains the heads that read it only;
-    the report lists the heads params trains now; a head fed by an unlisted teacher stops `dvc repro` first."""
-    root, _ = project
-    original = (root / "params.yaml").read_text()
-    params = yaml.safe_load(original)
-    try:
-        params["encoders"]["text_minilm_64"] = {**params["encoders"]["text_minilm"], "max_length": 64}
-        params["extract"].append("text_minilm_64")
-        params["encoders"]["visual_c3d"]["seed"] = 1
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        ran = set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro")))
-        trained = {s for s in ran if s.startswith("train@")}
-        assert trained == {"train@sample-fusion_mlp", "train@sample-dialoguetrm", "train@sample-telme",
-                           "train@sample-matav"}, ran
-        assert {"extract@sample-text_minilm_64", "extract@sample-visual_c3d"} <= ran
-        params["train"].remove("text_mlp")
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        dvc(root, "repro")
-        reported = json.loads((root / "reports/metrics.json").read_text())["sample"]
-        assert "text_mlp" not in reported and "fusion_mlp" in reported
-        assert set(reported["fusion_mlp"]) >= {"dev_wf1", "dev_wf1_std", "test_wf1", "test_wf1_std", "seeds"}
-        params["heads"]["telme_text"]["features"] = {"text": "teacher_other"}
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        out = dvc(root, "repro", check=False)
-        assert "heads.telme_text.features.text" in out and "teachers" in out, out
-        assert set(re.findall(r"Running stage '([^']+)'", out)) == {"check"}
-    finally:
-        (root / "params.yaml").write_text(original)
-    # DVC keeps a persisted store whose encoder left `extract`; `ercflow inspect` lists it as not in params
-    (root / "data/features/sample/text_minilm_64.h5").unlink()
-    (root / "data/features/sample/text_minilm_64.summary.json").unlink()
-    dvc(root, "repro")
-    assert json.loads(dvc(root, "status", "--json")) == {}
-
-
 def test_share_stores_through_a_remote(project, tmp_path):
     root, _ = project
     remote = tmp_path / "remote"
@@ -222,7 +186,7 @@ def test_training_again_gives_the_same_model(project):
 
 def test_dvc_exp_run_and_show(project):
     """An experiment is one command: `dvc exp run -S <params key>=<value>`; `dvc exp show` lists it with the
-    compact metrics (reports/metrics.json). Last: it leaves the workspace at the experiment, then restores it."""
+    compact metrics (reports/metrics.json). It leaves the workspace at the experiment; git and DVC bring it back."""
     root, _ = project
     dvc(root, "exp", "run", "-n", "hidden64", "-S", "heads.text_mlp.options.hidden=64")
     shown = dvc(root, "exp", "show", "--json")
@@ -231,3 +195,42 @@ def test_dvc_exp_run_and_show(project):
     assert "heads.text_mlp.options.hidden" in json.dumps(diff["params"])
     sh(root, "git", "checkout", "--", "params.yaml", "dvc.lock")
     dvc(root, "checkout", "-f")
+    # the experiment's uncached outputs (text_mlp's metrics, predictions, runs) cannot be checked out: a repro
+    # writes them again, and the project is as clean as before the experiment
+    ran = set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro")))
+    assert {s for s in ran if s.startswith("train@")} == {"train@sample-text_mlp"}, ran
+    assert json.loads(dvc(root, "status", "--json")) == {}
+
+
+def test_a_train_stage_reruns_only_for_the_stores_its_head_reads(project):
+    """A new encoder retrains no head; a re-extracted visual store retrains the heads that read it only;
+    the report lists the heads params trains now; a head fed by an unlisted teacher stops `dvc repro` first.
+    Last in this module: it leaves the project's stores and heads as its edits made them (a re-run to undo them
+    would retrain four heads; test_editing_a_head_param_invalidates_only_that_head checks that undoing an edit
+    brings the status back to clean)."""
+    root, _ = project
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    try:
+        params["encoders"]["text_minilm_64"] = {**params["encoders"]["text_minilm"], "max_length": 64}
+        params["extract"].append("text_minilm_64")
+        params["encoders"]["visual_c3d"]["seed"] = 1
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        ran = set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro")))
+        trained = {s for s in ran if s.startswith("train@")}
+        assert trained == {"train@sample-fusion_mlp", "train@sample-dialoguetrm", "train@sample-telme",
+                           "train@sample-matav"}, ran
+        assert {"extract@sample-text_minilm_64", "extract@sample-visual_c3d"} <= ran
+        params["train"].remove("text_mlp")
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        dvc(root, "repro")
+        reported = json.loads((root / "reports/metrics.json").read_text())["sample"]
+        assert "text_mlp" not in reported and "fusion_mlp" in reported
+        assert set(reported["fusion_mlp"]) >= {"dev_wf1", "dev_wf1_std", "test_wf1", "test_wf1_std", "seeds"}
+        params["heads"]["telme_text"]["features"] = {"text": "teacher_other"}
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = dvc(root, "repro", check=False)
+        assert "heads.telme_text.features.text" in out and "teachers" in out, out
+        assert set(re.findall(r"Running stage '([^']+)'", out)) == {"check"}
+    finally:
+        (root / "params.yaml").write_text(original)
