@@ -139,6 +139,21 @@ def save_tiny_speech_model(path, model_type):
     return str(path)
 
 
+def save_coarse_data2vec(path) -> str:
+    """A tiny random-init data2vec-audio with a coarser conv stack than `save_tiny_speech_model`'s (100 frames
+    a second), so that fine-tuning a student on a CPU takes seconds."""
+    import torch
+    from transformers import Data2VecAudioConfig, Data2VecAudioModel, Wav2Vec2FeatureExtractor
+
+    torch.manual_seed(0)
+    Data2VecAudioModel(Data2VecAudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, conv_dim=(16, 16, 16), conv_kernel=(10, 4, 4),
+                                           conv_stride=(10, 4, 4), conv_pos_kernel_size=5, num_conv_pos_embeddings=5,
+                                           num_conv_pos_embedding_groups=2)).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True, do_normalize=True).save_pretrained(path)
+    return str(path)
+
+
 # ---- shared by several test modules (from tests/test_visual_encoders.py) ----
 
 def save_tiny_timesformer(path) -> str:

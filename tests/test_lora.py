@@ -199,18 +199,11 @@ def test_a_4bit_request_on_a_cpu_is_refused_by_check(tmp_path):
 
 def test_an_audio_student_takes_lora(tmp_path, sample_manifest, sample_media):
     """The audio kind wraps its encoder as the text one does: adapters + classifier trained, base unchanged."""
-    from transformers import Data2VecAudioConfig, Data2VecAudioModel, Wav2Vec2FeatureExtractor
-
+    from conftest import save_coarse_data2vec
     from pipeline.configs import AudioFinetuneParams
     from pipeline.finetune.kinds import AudioFinetuner
 
-    d2v = tmp_path / "d2v"
-    torch.manual_seed(0)
-    Data2VecAudioModel(Data2VecAudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                           intermediate_size=64, conv_dim=(16, 16, 16), conv_kernel=(10, 4, 4),
-                                           conv_stride=(10, 4, 4), conv_pos_kernel_size=5, num_conv_pos_embeddings=5,
-                                           num_conv_pos_embedding_groups=2)).save_pretrained(d2v)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True, do_normalize=True).save_pretrained(d2v)
+    d2v = save_coarse_data2vec(tmp_path / "d2v")
     p = AudioFinetuneParams(kind="hf_audio", weights=str(d2v), device="cpu", lr=1e-2, epochs=1, batch_size=4,
                             patience=100, dropout=0.0, save_every_steps=0, max_seconds=1.0,
                             lora={"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})

@@ -22,7 +22,7 @@ from pipeline.finetune.kinds import AudioFinetuner, VideoFinetuner, build_finetu
 from pipeline.finetune.loop import InterruptTraining
 from pipeline.finetune.store_writer import write_store
 from pipeline.store import FeatureStore
-from conftest import save_tiny_timesformer
+from conftest import save_coarse_data2vec, save_tiny_timesformer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -47,18 +47,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def d2v(tmp_path_factory):
-    """A tiny random-init data2vec-audio (as tests/test_audio_encoders.py's, with a coarser conv stack: 100
-    frames a second, so that training on a CPU takes seconds)."""
-    from transformers import Data2VecAudioConfig, Data2VecAudioModel, Wav2Vec2FeatureExtractor
-
-    path = tmp_path_factory.mktemp("d2v")
-    torch.manual_seed(0)
-    Data2VecAudioModel(Data2VecAudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                           intermediate_size=64, conv_dim=(16, 16, 16), conv_kernel=(10, 4, 4),
-                                           conv_stride=(10, 4, 4), conv_pos_kernel_size=5, num_conv_pos_embeddings=5,
-                                           num_conv_pos_embedding_groups=2)).save_pretrained(path)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True, do_normalize=True).save_pretrained(path)
-    return str(path)
+    return save_coarse_data2vec(tmp_path_factory.mktemp("d2v"))
 
 
 class FakeTeacher(Encoder):
