@@ -24,7 +24,7 @@ demo: $(STAMP)
 	cat reports/report.md
 
 test: $(STAMP)
-	python -m pytest -q -ra tests
+	python -m pytest -q -ra -n 2 --dist loadfile tests
 
 clean-demo:
 	rm -rf data models results reports
