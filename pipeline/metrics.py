@@ -67,18 +67,16 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     cm = np.zeros((c, c + 1), np.int64)   # the last column: predictions outside the classes (always wrong)
     known = (y_true >= 0) & (y_true < c)
     np.add.at(cm, (y_true[known], np.where((y_pred >= 0) & (y_pred < c), y_pred, c)[known]), 1)
-    tp, support, predicted = np.diag(cm[:, :c]), cm.sum(1), cm[:, :c].sum(0)
-    per_class, recall = _div(2 * tp, support + predicted), _div(tp, support)
     scores = confusion_scores(cm)
     return {
         "wf1": float(scores["wf1"]),
         "accuracy": float(np.mean(y_true == y_pred)),
-        "f1_per_class": {name: float(f) for name, f in zip(labels, per_class)},
+        "f1_per_class": {name: float(f) for name, f in zip(labels, scores["f1"])},
         "confusion": cm[:, :c].tolist(),
         "support": int(len(y_true)),
         "macro_f1": float(scores["macro_f1"]),
         "ua": float(scores["ua"]),
-        "recall_per_class": {name: float(r) for name, r in zip(labels, recall)},
+        "recall_per_class": {name: float(r) for name, r in zip(labels, scores["recall"])},
     }
 
 
@@ -115,9 +113,9 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def confusion_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """The categorical headline metrics of confusion matrices `cm` [..., C, C + k] (rows true, columns
-    predicted; k extra columns count predictions outside the C classes, wrong for every row), vectorised over
-    the leading axes: the same numbers as `classification_metrics` on the labels that made `cm`
+    """The categorical headline metrics, and `f1` and `recall` per class [..., C], of confusion matrices `cm`
+    [..., C, C + k] (rows true, columns predicted; k extra columns count predictions outside the C classes, wrong
+    for every row), vectorised over the leading axes: the same numbers as `classification_metrics` on the labels that made `cm`
     (tests/test_metrics.py checks it), at the cost of a few sums, so a bootstrap can score thousands of
     resampled confusion matrices at once."""
     cm = np.asarray(cm, np.float64)
@@ -131,7 +129,8 @@ def confusion_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
     return {"wf1": _div((f1 * support).sum(-1), total),
             "macro_f1": _div((f1 * seen).sum(-1), seen.sum(-1).astype(np.float64)),
             "accuracy": _div(tp.sum(-1), total),
-            "ua": _div((recall * present).sum(-1), present.sum(-1).astype(np.float64))}
+            "ua": _div((recall * present).sum(-1), present.sum(-1).astype(np.float64)),
+            "f1": f1, "recall": recall}
 
 
 MOMENTS = ("n", "t", "p", "tt", "pp", "tp")   # the sums `moment_scores` reads, in this order
