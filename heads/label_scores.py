@@ -7,8 +7,6 @@ the LLM is the classifier there) has a row of ours to stand beside.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
@@ -25,8 +23,7 @@ class LabelScores(ERCHead):
     the argmax, and so WF1, UA and accuracy, the store's own; the train stage fits t alone. The features are
     not read, and an utterance whose store row is masked gets uniform scores (its logits are zeros)."""
 
-    def __init__(self, dims, n_out, task, source: Modality = "text",
-                 normalize: dict[Modality, Literal["standard", "none"]] | None = None):   # unused: features unread
+    def __init__(self, dims, n_out, task, source: Modality = "text"):   # no `normalize`: it reads no features
         super().__init__(dims, n_out, task)
         if task != "categorical":
             raise ValueError("label_scores: a store's label scores are class scores; a dimensional task has none")

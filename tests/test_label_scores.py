@@ -101,3 +101,19 @@ def test_check_refuses_a_label_scores_head_on_a_store_without_logits(tmp_path):
     problems = check_params(tmp_path / "params.yaml")
     assert [q.split(":")[0] for q in problems] == ["heads.frozen", "heads.elsewhere.options.source"], problems
     assert "'text_minilm' (encoders, kind 'hf_text') writes none" in problems[0]
+
+
+def test_label_scores_takes_no_normalize_option(tmp_path):
+    """It reads no features, so a `normalize` option would be ignored: `ercflow check` refuses it by name."""
+    import yaml
+
+    from conftest import REPO
+    from ercflow.check import check_params
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["heads"]["scores"] = {"head": "label_scores", "modalities": ["text"], "features": {"text": "teacher_minilm"},
+                                 "options": {"normalize": {"text": "none"}}}
+    params["train"].append("scores")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    problems = check_params(tmp_path / "params.yaml")
+    assert len(problems) == 1 and problems[0].startswith("heads.scores.options") and "normalize" in problems[0], problems
